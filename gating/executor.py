@@ -1,0 +1,59 @@
+"""Execute a residual backbone with per-image unit decisions.
+
+``skip`` execution runs unit i only on the images that keep it: gather that subset,
+run the unit, scatter the result back; the other images take the shortcut (for an
+identity shortcut: nothing at all). ``mask`` execution is what BlockDrop, SkipNet
+and ConvNet-AIG do: run every unit on every image and select with the 0/1 mask. It
+gives the same numbers at full cost; it is kept as the reference for tests and
+benchmarks.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from gating.backbones import ResidualBackbone, ResidualUnit
+
+Execution = Literal["skip", "mask"]
+
+
+def run_unit(unit: ResidualUnit, x: torch.Tensor, keep: torch.Tensor, n_keep: int | None = None) -> torch.Tensor:
+    """Apply ``unit`` to the images of ``x`` (B, C, H, W) where ``keep`` (B,) is True."""
+    b = x.shape[0]
+    n_keep = int(keep.sum()) if n_keep is None else n_keep
+    if n_keep == b:
+        return unit(x)
+    out = unit.skip(x)
+    if n_keep == 0:
+        return out
+    idx = keep.nonzero().squeeze(1).to(x.device)
+    y = unit(x.index_select(0, idx))  # (n_keep, C', H', W')
+    if torch.is_grad_enabled():
+        return out.index_copy(0, idx, y)
+    # No autograd graph to protect: write in place. When ``out is x`` this overwrites the
+    # unit's input, which only the executor holds (the stem's or a previous unit's output).
+    return out.index_copy_(0, idx, y)
+
+
+def mask_unit(unit: ResidualUnit, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The research peers' execution: compute the unit for all images, then select."""
+    m = keep.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+    return torch.where(m, unit(x), unit.skip(x))
+
+
+def execute(backbone: ResidualBackbone, x: torch.Tensor, keep: torch.Tensor,
+            execution: Execution = "skip") -> torch.Tensor:
+    """Logits of ``backbone`` on ``x`` (B, C, H, W) with decisions ``keep`` (B, n) bool."""
+    if keep.shape != (x.shape[0], backbone.num_units):
+        raise ValueError(f"keep must be (batch, units) = ({x.shape[0]}, {backbone.num_units}), "
+                         f"got {tuple(keep.shape)}")
+    keep = keep.cpu()
+    counts = keep.sum(0).tolist()
+    h = backbone.stem(x)
+    for i, unit in enumerate(backbone.units):
+        if execution == "skip":
+            h = run_unit(unit, h, keep[:, i], counts[i])
+        else:
+            h = mask_unit(unit, h, keep[:, i])
+    return backbone.head(h)

@@ -1,0 +1,128 @@
+"""Gates G: per-unit scores G(x)_i, high = important (keep); sigmoid(G(x)_i) = P(unit i open).
+
+Two families behind one interface:
+- upfront (``ResNet8Gate``): reads the image once and scores every unit before the
+  backbone runs, so any decision rule applies in one pass;
+- inline (``LSTMGate``, ``MLPGate``): score unit i from a pooled feature of unit i's
+  input, during the backbone's forward pass. Online rules (threshold) decide as they
+  go; rules that need every score (greedy, softmax, budget) take two passes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gating.backbones import CifarBasicBlock, ResidualBackbone, conv3x3
+from gating.registry import Registry
+
+GATES: Registry[Callable[..., "Gate"]] = Registry("gate")
+
+
+class Gate(nn.Module):
+    kind: ClassVar[str]
+    upfront: ClassVar[bool]
+
+    def config(self) -> dict:
+        """Keyword arguments that rebuild this gate with ``build_gate``."""
+        raise NotImplementedError
+
+    # upfront gates
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, n)
+        raise NotImplementedError
+
+    # inline gates
+    def begin(self, batch: int, device: torch.device) -> Any:
+        return None
+
+    def step(self, i: int, feature: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """Score unit i from its input (B, C_i, H_i, W_i) -> ((B,), new state)."""
+        raise NotImplementedError
+
+    def score_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Score every unit from given unit inputs (teacher forcing) -> (B, n)."""
+        state = self.begin(features[0].shape[0], features[0].device)
+        scores = []
+        for i, f in enumerate(features):
+            s, state = self.step(i, f, state)
+            scores.append(s)
+        return torch.stack(scores, 1)
+
+
+@GATES.register("resnet8")
+class ResNet8Gate(Gate):
+    """A ResNet-8 on the image, down-sampled to ``resolution`` and by a stride-2 stem."""
+
+    kind, upfront = "resnet8", True
+
+    def __init__(self, num_units: int, widths: tuple[int, int, int] = (16, 32, 64), resolution: int = 32):
+        super().__init__()
+        self.num_units, self.widths, self.resolution = num_units, tuple(widths), resolution
+        w1, w2, w3 = self.widths
+        self.stem = nn.Sequential(conv3x3(3, w1, stride=2), nn.BatchNorm2d(w1), nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(CifarBasicBlock(w1, w1), CifarBasicBlock(w1, w2, 2), CifarBasicBlock(w2, w3, 2))
+        self.fc = nn.Linear(w3, num_units)
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "widths": list(self.widths), "resolution": self.resolution}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > self.resolution or x.shape[-2] > self.resolution:
+            x = F.adaptive_avg_pool2d(x, self.resolution)
+        x = self.blocks(self.stem(x))  # (B, w3, r/8, r/8)
+        return self.fc(x.mean((2, 3)))  # (B, n)
+
+
+@GATES.register("lstm")
+class LSTMGate(Gate):
+    """One shared LSTM cell reading each unit's pooled input, projected to ``dim``."""
+
+    kind, upfront = "lstm", False
+
+    def __init__(self, in_channels: list[int], dim: int = 32, hidden: int = 32):
+        super().__init__()
+        self.in_channels, self.dim, self.hidden = list(in_channels), dim, hidden
+        self.proj = nn.ModuleList(nn.Linear(c, dim) for c in in_channels)  # per unit: widths differ
+        self.cell = nn.LSTMCell(dim, hidden)
+        self.out = nn.Linear(hidden, 1)
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "dim": self.dim, "hidden": self.hidden}
+
+    def begin(self, batch: int, device: torch.device) -> Any:
+        z = torch.zeros(batch, self.hidden, device=device)
+        return z, z
+
+    def step(self, i, feature, state):
+        h, c = self.cell(self.proj[i](feature.mean((2, 3))), state)
+        return self.out(h).squeeze(1), (h, c)
+
+
+@GATES.register("mlp")
+class MLPGate(Gate):
+    """n independent MLPs; the i-th reads unit i's pooled input."""
+
+    kind, upfront = "mlp", False
+
+    def __init__(self, in_channels: list[int], hidden: int = 16):
+        super().__init__()
+        self.in_channels, self.hidden = list(in_channels), hidden
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(c, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1)) for c in in_channels)
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "hidden": self.hidden}
+
+    def step(self, i, feature, state):
+        return self.mlps[i](feature.mean((2, 3))).squeeze(1), state
+
+
+def build_gate(kind: str, backbone: ResidualBackbone, **hyper: Any) -> Gate:
+    """Build a gate of a registered kind for ``backbone`` (random weights)."""
+    cls = GATES.get(kind)
+    in_channels = [u.in_channels for u in backbone.units]
+    if cls.upfront:
+        return cls(backbone.num_units, **hyper)
+    return cls(in_channels, **hyper)

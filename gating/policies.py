@@ -1,0 +1,133 @@
+"""Decision rules: scores (B, n) -> keep (B, n) bool, per image within a batch.
+
+Scores follow the patent's convention: G(x)_i high = unit i important. Every rule
+skips units in ascending score order, so the compute ``budget`` rule (skip the
+lowest-scored units until the image's backbone FLOPs fit ``budget * full``) is the
+per-image setting of greedy's k, or of threshold's alpha, that meets the budget.
+"""
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Optional
+
+import torch
+
+from gating.flops import FlopsProfile
+from gating.registry import Registry
+
+POLICIES: Registry[Callable[..., "Policy"]] = Registry("policy")
+
+
+class Policy:
+    name: ClassVar[str]
+    online: ClassVar[bool]  # decides unit i from score i alone (usable inside one inline pass)
+    needs_scores: ClassVar[bool] = True
+
+    def __init__(self, knob: Optional[float] = None):
+        self.knob = knob
+
+    def decide(self, scores: torch.Tensor, flops: FlopsProfile) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decide_unit(self, score: torch.Tensor) -> torch.Tensor:  # (B,) -> (B,) bool
+        raise TypeError(f"policy {self.name!r} needs every unit's score; it cannot decide online")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "knob": self.knob}
+
+    def __repr__(self) -> str:
+        return f"{self.name}({self.knob})" if self.knob is not None else self.name
+
+
+@POLICIES.register("full")
+class Full(Policy):
+    name, online, needs_scores = "full", True, False
+
+    def __init__(self, knob: Optional[float] = None):
+        if knob is not None:
+            raise ValueError("policy 'full' takes no knob")
+        super().__init__(None)
+
+    def decide(self, scores, flops):
+        return torch.ones(scores.shape, dtype=torch.bool)
+
+    def decide_unit(self, score):
+        return torch.ones(score.shape, dtype=torch.bool)
+
+
+@POLICIES.register("greedy")
+class Greedy(Policy):
+    """Skip the k lowest-scored units."""
+
+    name, online = "greedy", False
+
+    def __init__(self, knob: float):
+        if knob is None or int(knob) != knob or knob < 0:
+            raise ValueError(f"greedy needs an integer k >= 0 units to skip, got {knob!r}")
+        super().__init__(int(knob))
+
+    def decide(self, scores, flops):
+        b, n = scores.shape
+        if self.knob > n:
+            raise ValueError(f"greedy k={self.knob} exceeds the model's {n} units")
+        keep = torch.ones(b, n, dtype=torch.bool)
+        lowest = scores.detach().cpu().topk(self.knob, dim=1, largest=False).indices
+        return keep.scatter_(1, lowest, False)
+
+
+@POLICIES.register("threshold")
+class Threshold(Policy):
+    """Skip unit i when -G(x)_i > alpha."""
+
+    name, online = "threshold", True
+
+    def __init__(self, knob: float):
+        if knob is None or not torch.isfinite(torch.tensor(float(knob))):
+            raise ValueError(f"threshold needs a finite alpha, got {knob!r}")
+        super().__init__(float(knob))
+
+    def decide(self, scores, flops):
+        return self.decide_unit(scores)
+
+    def decide_unit(self, score):
+        return (-score.detach().cpu()) <= self.knob
+
+
+@POLICIES.register("softmax")
+class Softmax(Policy):
+    """Skip unit i when softmax(-G(x))_i > alpha (softmax over the n units)."""
+
+    name, online = "softmax", False
+
+    def __init__(self, knob: float):
+        if knob is None or not 0.0 <= float(knob) <= 1.0:
+            raise ValueError(f"softmax needs alpha in [0, 1], got {knob!r}")
+        super().__init__(float(knob))
+
+    def decide(self, scores, flops):
+        return torch.softmax(-scores.detach().cpu().double(), dim=1) <= self.knob
+
+
+@POLICIES.register("budget")
+class Budget(Policy):
+    """Skip the lowest-scored units until backbone FLOPs <= budget * full FLOPs."""
+
+    name, online = "budget", False
+
+    def __init__(self, knob: float):
+        if knob is None or not 0.0 < float(knob) <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {knob!r}")
+        super().__init__(float(knob))
+
+    def decide(self, scores, flops):
+        scores = scores.detach().cpu()
+        need = flops.full * (1.0 - self.knob)  # FLOPs each image must save
+        order = scores.argsort(dim=1)  # ascending: least important first
+        saving = flops.saving()[order]  # (B, n) in that order
+        saved_before = saving.cumsum(1) - saving
+        skip_sorted = saved_before < need - 1e-6  # still short of the target: skip this one too
+        skip = torch.zeros_like(skip_sorted).scatter_(1, order, skip_sorted)
+        return ~skip
+
+
+def make_policy(name: str, knob: Optional[float] = None) -> Policy:
+    return POLICIES.get(name)(knob)

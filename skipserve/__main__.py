@@ -1,0 +1,4 @@
+from skipserve.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,147 @@
+"""S1: pretrain the residual backbone M (SGD + momentum, cosine or step schedule)."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gating.backbones import ArchSpec, ResidualBackbone, build_backbone
+from gating.checkpoint import ModelCard
+from gating.model import GatedModel
+from training.data import CIFAR_MEAN, CIFAR_STD, ImageSet, augment, batches, load_image_folder, normalize, \
+    split_train_val
+from training.run import RunDir, epoch_generator, pick_device
+
+
+@dataclass
+class BackboneConfig:
+    arch: str = "resnet32"  # a registered CIFAR ResNet
+    data: str = "../shared/data/cifar10-train-jpeg.tar.gz"  # image folder or archive
+    val_fraction: float = 0.1  # held out, stratified, fixed by split_seed
+    split_seed: int = 0
+    limit_train: Optional[int] = None  # use only the first N training images (tests, smoke runs)
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1  # peak learning rate, after warm-up
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # "cosine" to zero, or "step" (x0.1 at 50% and 75% of training)
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    bn_l1: float = 0.0  # L1 penalty on BN gamma (network slimming sparsity training)
+    seed: int = 0
+    device: str = "auto"  # "auto" = the accelerator when present
+    channels_last: bool = True  # faster convolutions on CPU and GPU
+
+
+def lr_at(cfg: BackboneConfig, step: int, steps_per_epoch: int) -> float:
+    t = step / steps_per_epoch  # epochs done, fractional
+    if t < cfg.warmup_epochs:
+        return cfg.lr * (t + 1 / steps_per_epoch) / cfg.warmup_epochs
+    if cfg.schedule == "cosine":
+        p = (t - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(p, 1.0)))
+    if cfg.schedule == "step":
+        return cfg.lr * (0.1 ** sum(t >= f * cfg.epochs for f in (0.5, 0.75)))
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; use 'cosine' or 'step'")
+
+
+def load_split(cfg) -> tuple[ImageSet, ImageSet]:
+    data = load_image_folder(cfg.data)
+    train, val = split_train_val(data, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+    if cfg.limit_train:  # a seeded random subset: the split is sorted by class
+        g = torch.Generator().manual_seed(cfg.split_seed)
+        train = train.subset(torch.randperm(len(train), generator=g)[:cfg.limit_train].sort().values)
+    return train, val
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: ImageSet, *, batch_size: int = 500,
+             device: torch.device = torch.device("cpu")) -> float:
+    """Top-1 accuracy of a plain backbone (policy full)."""
+    model.eval()
+    correct = 0
+    for idx in batches(len(data), batch_size):
+        x = normalize(data.images[idx]).to(device)
+        correct += (model(x).argmax(1).cpu() == data.labels[idx]).sum().item()
+    return correct / max(len(data), 1)
+
+
+def bn_l1_subgradient(model: torch.nn.Module, strength: float) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d) and m.weight.grad is not None:
+            m.weight.grad.add_(strength * torch.sign(m.weight.detach()))
+
+
+def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
+    """Train (or resume) S1; returns the path of the backbone checkpoint."""
+    run = RunDir(run_dir, "backbone")
+    run.check_config(cfg)
+    device = pick_device(cfg.device)
+    train, val = load_split(cfg)
+
+    torch.manual_seed(cfg.seed)
+    model: ResidualBackbone = build_backbone(ArchSpec(cfg.arch, num_classes=len(train.classes))).to(device)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    start_epoch = 0
+    state = run.load_state()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"])
+        run.trim_metrics(start_epoch)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    use_amp = device.type == "cuda"
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        g = epoch_generator(cfg.seed, epoch)
+        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+        bar = tqdm(batches(len(train), cfg.batch_size, g=g), total=steps_per_epoch, unit="batch",
+                   desc=f"S1 {cfg.arch} epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        for step, idx in enumerate(bar):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, epoch * steps_per_epoch + step, steps_per_epoch)
+            x = normalize(augment(train.images[idx], g)).to(device, memory_format=fmt)
+            y = train.labels[idx].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.bn_l1:
+                bn_l1_subgradient(model, cfg.bn_l1)
+            opt.step()
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+            correct += (logits.argmax(1) == y).sum().item()
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        val_top1 = evaluate(model, val, device=device)
+        record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": correct / seen,
+                  "val_top1": val_top1, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        run.log(record)
+        tqdm.write(f"S1 epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} "
+                   f"val top-1 {val_top1:.4f} ({record['seconds']:.0f}s)")
+        run.save_state({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1})
+
+    model = model.to(memory_format=torch.contiguous_format).cpu()
+    card = ModelCard(arch=model.spec.to_dict(), class_names=train.classes, input_size=(3, 32, 32),
+                     mean=CIFAR_MEAN, std=CIFAR_STD, info={"stage": "S1", "config": cfg.__dict__})
+    out = run.path / "backbone.safetensors"
+    GatedModel(model, card=card).save(out)
+    val_top1 = evaluate(model, val)
+    run.write_summary({"checkpoint": str(out), "val_top1": val_top1, "epochs": cfg.epochs})
+    return out

@@ -1,0 +1,90 @@
+"""Run directories: config, metrics.jsonl, resumable state, summary.
+
+Every stage writes its state atomically at the end of each epoch, so a killed
+stage resumes from its last finished epoch. Randomness is drawn from generators
+seeded by (seed, epoch), never from global state, so a resumed run retraces the
+uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from gating.checkpoint import CheckpointError, atomic_write, atomic_write_text
+
+
+class RunError(ValueError):
+    """A run directory that cannot be used as asked."""
+
+
+class RunDir:
+    def __init__(self, path: os.PathLike | str, stage: str):
+        self.path = Path(path)
+        self.stage = stage  # "backbone", "gate", "finetune", ...
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / f"{self.stage}-state.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def check_config(self, config: Any) -> None:
+        """Write the stage config, or refuse to resume a run that was started with another one."""
+        target = self.path / f"{self.stage}-config.json"
+        text = json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)
+        if target.exists() and self.state_path.exists():
+            old = json.loads(target.read_text())
+            new = json.loads(text)
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if changed:
+                raise RunError(f"{self.path}: cannot resume {self.stage}: config differs in {changed}; "
+                               "use a new run directory")
+        atomic_write_text(target, text + "\n")
+
+    def save_state(self, state: dict) -> None:
+        atomic_write(self.state_path, lambda tmp: torch.save(state, tmp))
+
+    def load_state(self) -> Optional[dict]:
+        if not self.state_path.exists():
+            return None
+        try:
+            return torch.load(self.state_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated, corrupt, or carrying pickled objects
+            raise CheckpointError(self.state_path, f"cannot load run state ({err})") from err
+
+    def log(self, record: dict) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"stage": self.stage, **record}) + "\n")
+
+    def trim_metrics(self, keep_before_epoch: int) -> None:
+        """Drop this stage's records of epochs that will be re-run after a resume."""
+        if not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("stage") == self.stage and rec.get("epoch", -1) >= keep_before_epoch:
+                continue
+            kept.append(line)
+        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in kept))
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_text(self.path / f"{self.stage}-summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
