@@ -15,6 +15,7 @@ from benchmarks.common import interleaved_medians, machine_info
 from gating.backbones import build_backbone
 from gating.executor import execute
 from gating.flops import profile_backbone
+from gating.fuse import fuse_bn
 
 
 @dataclass
@@ -23,10 +24,11 @@ class EngineBenchConfig:
     threads: int = 2  # torch intra-op threads, fixed for the run
     batches: tuple[int, ...] = (1, 64)
     skip_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
-    draws: int = 4  # distinct random decision sets per setting, cycled through the repeats
-    repeats_b1: int = 60
+    draws: int = 8  # distinct random decision sets per setting, cycled through the repeats
+    repeats_b1: int = 80
     repeats_large: int = 12
     seed: int = 0
+    fuse_bn: bool = True  # time the inference configuration: BN folded into convs (all modes alike)
 
 
 def random_keep(batch: int, n: int, skip: int, g: torch.Generator) -> torch.Tensor:
@@ -41,6 +43,8 @@ def run(cfg: EngineBenchConfig) -> dict:
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     backbone = build_backbone(cfg.arch).eval()
+    if cfg.fuse_bn:
+        backbone = fuse_bn(backbone)
     profile = profile_backbone(backbone)
     n = backbone.num_units
     results = []
@@ -72,5 +76,5 @@ def run(cfg: EngineBenchConfig) -> dict:
                 "efficiency": round(speedup * flops_ratio, 3),
                 "masked_speedup": round(ms["full"] / ms["masked"], 3),
             })
-    return {"benchmark": "engine", "arch": cfg.arch, "units": n, "full_flops": profile.full,
+    return {"benchmark": "engine", "arch": cfg.arch, "units": n, "fuse_bn": cfg.fuse_bn, "full_flops": profile.full,
             "machine": machine_info(), "results": results}

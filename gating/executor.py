@@ -18,16 +18,16 @@ from gating.backbones import ResidualBackbone, ResidualUnit
 Execution = Literal["skip", "mask"]
 
 
-def run_unit(unit: ResidualUnit, x: torch.Tensor, keep: torch.Tensor, n_keep: int | None = None) -> torch.Tensor:
+def run_unit(unit: ResidualUnit, x: torch.Tensor, keep: torch.Tensor | list[bool]) -> torch.Tensor:
     """Apply ``unit`` to the images of ``x`` (B, C, H, W) where ``keep`` (B,) is True."""
-    b = x.shape[0]
-    n_keep = int(keep.sum()) if n_keep is None else n_keep
-    if n_keep == b:
+    keep = keep.tolist() if isinstance(keep, torch.Tensor) else keep
+    n_keep = sum(keep)
+    if n_keep == len(keep):
         return unit(x)
     out = unit.skip(x)
     if n_keep == 0:
         return out
-    idx = keep.nonzero().squeeze(1).to(x.device)
+    idx = torch.tensor([j for j, k in enumerate(keep) if k], device=x.device)
     y = unit(x.index_select(0, idx))  # (n_keep, C', H', W')
     if torch.is_grad_enabled():
         return out.index_copy(0, idx, y)
@@ -48,12 +48,11 @@ def execute(backbone: ResidualBackbone, x: torch.Tensor, keep: torch.Tensor,
     if keep.shape != (x.shape[0], backbone.num_units):
         raise ValueError(f"keep must be (batch, units) = ({x.shape[0]}, {backbone.num_units}), "
                          f"got {tuple(keep.shape)}")
-    keep = keep.cpu()
-    counts = keep.sum(0).tolist()
+    columns = keep.cpu().t().tolist()  # per unit: which images keep it, as plain bools
     h = backbone.stem(x)
-    for i, unit in enumerate(backbone.units):
+    for unit, column in zip(backbone.units, columns):
         if execution == "skip":
-            h = run_unit(unit, h, keep[:, i], counts[i])
+            h = run_unit(unit, h, column)
         else:
-            h = mask_unit(unit, h, keep[:, i])
+            h = mask_unit(unit, h, torch.tensor(column))
     return backbone.head(h)

@@ -26,6 +26,79 @@ def _bench_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_from(cls, args: argparse.Namespace, **fixed):
+    """A stage config: dataclass defaults <- --config YAML <- named flags <- --set KEY=VALUE."""
+    import dataclasses
+
+    import yaml
+
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict = {}
+    if getattr(args, "config", None):
+        with open(args.config, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: expected a mapping of {cls.__name__} fields")
+        values.update(loaded)
+    values.update({k: v for k, v in fixed.items() if v is not None})
+    for item in getattr(args, "set", None) or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        values[key] = yaml.safe_load(raw)
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}")
+    return cls(**values)
+
+
+def _train_backbone(args: argparse.Namespace) -> int:
+    from training.backbone import BackboneConfig, train_backbone
+
+    cfg = config_from(BackboneConfig, args, arch=args.arch, data=args.data, epochs=args.epochs,
+                      seed=args.seed, device=args.device)
+    print(train_backbone(cfg, args.run_dir))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gating.zoo import resolve_checkpoint
+
+    path = resolve_checkpoint(args.checkpoint)  # a clear error when no trained model exists
+    try:
+        from serving.app import serve_main
+    except ImportError:
+        print(f"skipserve serve: the HTTP server is not built yet; {path} can be evaluated with "
+              "`skipserve bench` and the Python API meanwhile", file=sys.stderr)
+        return 2
+    return serve_main(args, path)
+
+
+def _add_stage_options(p: argparse.ArgumentParser, run_dir_default: str) -> None:
+    p.add_argument("--run-dir", default=run_dir_default, help=f"run directory (default: {run_dir_default})")
+    p.add_argument("--config", help="YAML file of this stage's config fields")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config field (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, or auto (default: the accelerator when present)")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-backbone", help="S1: pretrain a CIFAR ResNet backbone (resumable)")
+    p.add_argument("--arch", help="backbone, e.g. resnet32")
+    p.add_argument("--data", help="image folder or .tar.gz of <split>/<class>/*.jpg")
+    p.add_argument("--epochs", type=int)
+    _add_stage_options(p, "runs/backbone")
+    p.set_defaults(func=_train_backbone)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a gated model over HTTP (Ray Serve)")
+    p.add_argument("--checkpoint", default="default", help="checkpoint path or shipped name (default: default)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=_serve)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks; each prints one JSON object with --json")
     bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -42,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="skipserve",
         description="Learn per image which residual units to skip, really skip them, serve over HTTP.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_serve(sub)
     _add_bench(sub)
     return parser
 

@@ -155,3 +155,20 @@ def test_policy_needing_a_gate_is_refused_without_one():
         model(torch.randn(1, 3, 32, 32), policy=make_policy("threshold", 0.0))
     with pytest.raises(ValueError, match=r"keep must be \(batch, units\)"):
         execute(model.backbone, torch.randn(2, 3, 32, 32), torch.ones(2, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet18", "resnet50"])
+@pytest.mark.parametrize("kind", GATES.names())
+def test_inference_copy_with_folded_bn_gives_same_outputs_and_flops(arch, kind):
+    model = gated_model(arch, kind)
+    model.policy = make_policy("budget", 0.6)
+    fast = model.for_inference()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert fast.flops == model.flops and fast.gate_flops == model.gate_flops
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(x), fast(x)
+    assert torch.equal(a.keep, b.keep)
+    assert torch.allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="folded"):
+        fast.save("unused.safetensors")

@@ -1,0 +1,131 @@
+"""One checkpoint format: round trips for every gate kind, clear errors, no pickle, atomic writes."""
+import os
+import pickle
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gating.checkpoint import CheckpointError, ModelCard, atomic_write, load_tensors, save_tensors
+from gating.gates import GATES, build_gate
+from gating.model import GatedModel
+from gating.policies import make_policy
+from gating.zoo import resolve_checkpoint
+from tests.conftest import make_backbone, randomize_bn
+
+CARD = ModelCard(arch={}, class_names=[f"c{i}" for i in range(10)], input_size=(3, 32, 32),
+                 mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def model_with(kind, policy=("threshold", 0.1)):
+    backbone = make_backbone("resnet20")
+    gate = None if kind is None else randomize_bn(build_gate(kind, backbone)).eval()
+    return GatedModel(backbone, gate, make_policy(*policy), CARD).eval()
+
+
+@pytest.mark.parametrize("kind", [None] + GATES.names())
+def test_round_trip_gives_identical_outputs(tmp_path, kind):
+    model = model_with(kind, ("full", None) if kind is None else ("threshold", 0.1))
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    loaded = GatedModel.load(path)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.keep, b.keep)
+    assert loaded.policy.to_dict() == model.policy.to_dict()
+    assert loaded.card.class_names == CARD.class_names and loaded.card.unit_flops == list(model.flops.unit_run)
+
+
+def test_missing_empty_truncated_corrupt(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        GatedModel.load(tmp_path / "nope.safetensors")
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        GatedModel.load(tmp_path / "empty")
+    good = tmp_path / "good.safetensors"
+    model_with("mlp").save(good)
+    data = good.read_bytes()
+    (tmp_path / "trunc").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="trunc.*truncated or corrupt"):
+        GatedModel.load(tmp_path / "trunc")
+    (tmp_path / "garbage").write_bytes(b"\x07" * 64 + data[64:])
+    with pytest.raises(CheckpointError, match="garbage"):
+        GatedModel.load(tmp_path / "garbage")
+
+
+def test_plain_safetensors_without_card_is_refused(tmp_path):
+    save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(CheckpointError, match="no skipserve model card"):
+        GatedModel.load(tmp_path / "plain.safetensors")
+
+
+def test_mismatched_architecture_names_the_problem(tmp_path):
+    model = model_with("mlp")
+    tensors = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}
+    tensors.update({f"gate.{k}": v for k, v in model.gate.state_dict().items()})
+    card = model.make_card()
+    save_tensors(tmp_path / "wrong.safetensors", tensors, replace(card, arch={**card.arch, "name": "resnet32"}))
+    with pytest.raises(CheckpointError, match="backbone weights do not match the architecture: missing"):
+        GatedModel.load(tmp_path / "wrong.safetensors")
+    save_tensors(tmp_path / "flops.safetensors", tensors, replace(card, unit_flops=[1] * 9))
+    with pytest.raises(CheckpointError, match="per-unit FLOPs"):
+        GatedModel.load(tmp_path / "flops.safetensors")
+    save_tensors(tmp_path / "arch.safetensors", tensors, replace(card, arch={**card.arch, "name": "vgg16"}))
+    with pytest.raises(CheckpointError, match="unknown backbone 'vgg16'"):
+        GatedModel.load(tmp_path / "arch.safetensors")
+    save_tensors(tmp_path / "gate.safetensors", tensors, replace(card, gate={"kind": "lstm"}))
+    with pytest.raises(CheckpointError, match="gate weights do not match"):
+        GatedModel.load(tmp_path / "gate.safetensors")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling would create the file
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps({"state": _Payload(str(marker))}))
+    with pytest.raises(CheckpointError, match="only safetensors"):
+        GatedModel.load(evil)
+    assert not marker.exists()
+    torch.save({"state": _Payload(str(marker))}, tmp_path / "evil.pt")
+    assert not marker.exists()
+    from training.run import RunDir
+    run = RunDir(tmp_path / "run", "backbone")
+    os.replace(tmp_path / "evil.pt", run.state_path)
+    with pytest.raises(CheckpointError, match="cannot load run state"):
+        run.load_state()
+    assert not marker.exists()
+
+
+def test_failed_write_leaves_previous_checkpoint_intact(tmp_path):
+    path = tmp_path / "m.safetensors"
+    model_with("mlp").save(path)
+    before = path.read_bytes()
+
+    def broken(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, broken)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"], "no temp file left behind"
+    tensors, card = load_tensors(path)
+    assert card.class_names == CARD.class_names
+
+
+def test_shipped_names_and_paths_resolve_with_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        resolve_checkpoint(tmp_path / "missing.safetensors")
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(b"x")
+    assert resolve_checkpoint(p) == p
