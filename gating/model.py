@@ -97,6 +97,17 @@ class GatedModel(nn.Module):
         keep = policy.decide(scores, self.flops)
         return self._output(execute(self.backbone, x, keep, execution), keep, scores, passes=2)
 
+    @torch.no_grad()
+    def decide(self, x: torch.Tensor, policy: Optional[Policy] = None) -> torch.Tensor:
+        """The (B, n) decisions the gate and policy make for ``x``, with the model in eval mode."""
+        modes = [m.training for m in (self.backbone, self.gate) if m is not None]
+        self.eval()
+        try:
+            return self.forward(x, policy).keep
+        finally:
+            for m, mode in zip([m for m in (self.backbone, self.gate) if m is not None], modes):
+                m.train(mode)
+
     def _inline_pass(self, x: torch.Tensor, policy: Policy, execution: Execution) -> GatedOutput:
         gate, backbone = self.gate, self.backbone
         h = backbone.stem(x)

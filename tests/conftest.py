@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
             m.running_mean = torch.randn(c, generator=g) * 0.1
             m.running_var = torch.rand(c, generator=g) + 0.5
     return module
+
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,253 @@
+"""Training stages on tiny models and data: real behaviour, seconds each."""
+import json
+import tarfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import training.backbone as backbone_stage
+from gating.checkpoint import CheckpointError
+from gating.executor import execute
+from gating.gates import GATES, build_gate
+from gating.model import GatedModel
+from gating.policies import make_policy
+from tests.conftest import make_backbone
+from training.backbone import BackboneConfig, train_backbone
+from training.data import DataError, ImageSet, load_image_folder, split_train_val
+from training.gate import GateConfig, train_gate
+from training.labels import importance_cached, importance_naive, load_labels, save_labels
+from training.pipeline import RecipeError, load_recipe, run_pipeline
+
+CLASSES = ["cat", "dog", "frog"]
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """train/<class>/*.jpg with class-dependent colour, 20 images a class."""
+    from torchvision.io import encode_jpeg
+
+    root = tmp_path_factory.mktemp("imgs")
+    g = torch.Generator().manual_seed(0)
+    for c, name in enumerate(CLASSES):
+        d = root / "train" / name
+        d.mkdir(parents=True)
+        for i in range(20):
+            img = torch.randint(0, 60, (3, 32, 32), generator=g, dtype=torch.uint8)
+            img[c] += 150
+            (d / f"{i:03d}.jpg").write_bytes(encode_jpeg(img, quality=95).numpy().tobytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_tar(image_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tar") / "tiny.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(image_dir / "train", arcname="train")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPSERVE_CACHE", str(tmp_path / "cache"))
+
+
+def test_directory_and_archive_load_the_same(image_dir, image_tar):
+    a = load_image_folder(image_dir)
+    b = load_image_folder(image_tar)
+    assert a.classes == b.classes == CLASSES
+    assert a.images.shape == (60, 3, 32, 32) and a.images.dtype == torch.uint8
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    again = load_image_folder(image_tar)  # from the uint8 cache
+    assert torch.equal(again.images, b.images)
+
+
+def test_split_is_stratified_and_seeded(image_dir):
+    data = load_image_folder(image_dir)
+    train, val = split_train_val(data, val_fraction=0.25, seed=3)
+    assert len(val) == 15 and torch.bincount(val.labels).tolist() == [5, 5, 5]
+    train2, val2 = split_train_val(data, val_fraction=0.25, seed=3)
+    assert torch.equal(val.images, val2.images)
+    _, val3 = split_train_val(data, val_fraction=0.25, seed=4)
+    assert not torch.equal(val.images, val3.images)
+
+
+def test_bad_data_fails_clearly(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_image_folder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        load_image_folder(tmp_path / "empty")
+    bad = tmp_path / "bad" / "cat"
+    bad.mkdir(parents=True)
+    (bad / "x.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(DataError, match="x.jpg: cannot decode"):
+        load_image_folder(tmp_path / "bad")
+    (tmp_path / "junk.tar.gz").write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(DataError, match="cannot read archive"):
+        load_image_folder(tmp_path / "junk.tar.gz")
+
+
+def test_labels_equal_the_definition():
+    backbone = make_backbone("resnet20")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 3, 32, 32, generator=g), torch.randint(0, 10, (5,), generator=g)
+    cached, naive = importance_cached(backbone, x, y), importance_naive(backbone, x, y)
+    with torch.no_grad():
+        base = F.cross_entropy(backbone(x), y, reduction="none")
+        for i in range(backbone.num_units):
+            keep = torch.ones(5, backbone.num_units, dtype=torch.bool)
+            keep[:, i] = False  # M - Block[i]
+            expected = F.cross_entropy(execute(backbone, x, keep), y, reduction="none") - base
+            assert torch.allclose(cached[:, i], expected, atol=1e-5)
+    assert torch.allclose(cached, naive, atol=1e-5)
+    assert cached.abs().max() > 1e-3, "labels are not trivially zero"
+
+
+def test_label_files_are_checked(tmp_path):
+    imp = torch.randn(6, 9)
+    save_labels(tmp_path / "l.safetensors", imp, source="test", num_units=9)
+    assert torch.equal(load_labels(tmp_path / "l.safetensors", num_images=6, num_units=9), imp)
+    with pytest.raises(CheckpointError, match="expected \\(images, units\\) = \\(7, 9\\)"):
+        load_labels(tmp_path / "l.safetensors", num_images=7, num_units=9)
+    data = (tmp_path / "l.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[:40])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_labels(tmp_path / "t.safetensors", num_images=6, num_units=9)
+
+
+def _synthetic_gate_task(n_images: int, n_units: int, seed: int):
+    """Bright images need the first half of the units, dark images the second half."""
+    g = torch.Generator().manual_seed(seed)
+    bright = torch.rand(n_images, generator=g) < 0.5
+    level = torch.where(bright, 190, 50).view(-1, 1, 1, 1)
+    images = (level + torch.randint(-40, 40, (n_images, 3, 32, 32), generator=g)).clamp(0, 255).to(torch.uint8)
+    first = torch.arange(n_units) < n_units // 2
+    imp = torch.where(bright[:, None] == first[None, :], torch.tensor(1.0), torch.tensor(-0.2))
+    return ImageSet(images, torch.zeros(n_images, dtype=torch.int64), ["x"]), imp
+
+
+@pytest.mark.parametrize("kind", GATES.names())
+def test_each_gate_kind_beats_a_random_gate_at_the_same_skip_rate(kind, tmp_path):
+    from training.data import normalize
+
+    backbone = make_backbone("resnet20")
+    train, imp = _synthetic_gate_task(256, backbone.num_units, seed=0)
+    test, test_imp = _synthetic_gate_task(128, backbone.num_units, seed=1)
+    model = GatedModel(backbone)
+    train_gate(model, train, imp, GateConfig(kind=kind, objective="regression", epochs=12, batch_size=64, lr=5e-3),
+               tmp_path)
+    policy = make_policy("budget", 0.5)
+    with torch.no_grad():
+        keep = model(normalize(test.images), policy).keep
+    random_scores = torch.rand(test_imp.shape, generator=torch.Generator().manual_seed(2))
+    random_keep = policy.decide(random_scores, model.flops)
+    trained_flops, random_flops = model.flops.executed(keep).mean(), model.flops.executed(random_keep).mean()
+    assert trained_flops <= random_flops + 0.03 * model.flops.full, "no more compute than the random gate"
+    trained_value = (keep * test_imp).sum(1).mean()
+    random_value = (random_keep * test_imp).sum(1).mean()
+    assert trained_value > random_value + 1.0, f"{kind}: trained {trained_value:.2f} vs random {random_value:.2f}"
+
+
+@pytest.mark.parametrize("objective", ["reward", "reinforce"])
+def test_reward_objectives_learn_which_units_pay_for_themselves(objective, tmp_path):
+    """sigmoid(G) as open probability: after training, threshold 0 opens exactly the units worth their price."""
+    from training.data import normalize
+
+    backbone = make_backbone("resnet20")
+    train, imp = _synthetic_gate_task(256, backbone.num_units, seed=0)
+    test, test_imp = _synthetic_gate_task(128, backbone.num_units, seed=1)
+    model = GatedModel(backbone)
+    train_gate(model, train, imp, GateConfig(kind="resnet8", objective=objective, epochs=12, batch_size=64, lr=5e-3),
+               tmp_path)
+    with torch.no_grad():
+        keep = model(normalize(test.images), make_policy("threshold", 0.0)).keep
+    worth = test_imp > 0
+    assert (keep == worth).float().mean() > 0.9
+    random_keep = torch.rand(keep.shape, generator=torch.Generator().manual_seed(2)).argsort(1) < keep.sum(1, keepdim=True)
+    assert (keep * test_imp).sum(1).mean() > (random_keep * test_imp).sum(1).mean() + 1.0
+
+
+def _tiny_s1(image_dir, **kw):
+    return BackboneConfig(arch="resnet20", data=str(image_dir), val_fraction=0.25, epochs=2, batch_size=16,
+                          channels_last=False, **kw)
+
+
+def test_killed_backbone_stage_resumes_to_the_same_weights(image_dir, tmp_path, monkeypatch):
+    cfg = _tiny_s1(image_dir)
+    reference = train_backbone(cfg, tmp_path / "straight")
+
+    calls = {"n": 0}
+    real_augment = backbone_stage.augment
+
+    def dying_augment(images, g, pad=4):
+        calls["n"] += 1
+        if calls["n"] == 5:  # mid-way through the second epoch (3 batches an epoch)
+            raise KeyboardInterrupt("killed")
+        return real_augment(images, g, pad)
+
+    monkeypatch.setattr(backbone_stage, "augment", dying_augment)
+    with pytest.raises(KeyboardInterrupt):
+        train_backbone(cfg, tmp_path / "killed")
+    monkeypatch.setattr(backbone_stage, "augment", real_augment)
+    resumed = train_backbone(cfg, tmp_path / "killed")
+    a, b = GatedModel.load(reference).backbone.state_dict(), GatedModel.load(resumed).backbone.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [json.loads(l)["epoch"] for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]
+
+
+def test_resuming_with_another_config_is_refused(image_dir, tmp_path):
+    from training.run import RunError
+
+    train_backbone(_tiny_s1(image_dir), tmp_path)
+    with pytest.raises(RunError, match="config differs in \\['lr'\\]"):
+        train_backbone(_tiny_s1(image_dir, lr=0.5), tmp_path)
+
+
+def _recipe(tmp_path, image_dir, text=None):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text or f"""
+rounds: 1
+backbone: {{arch: resnet20, data: "{image_dir}", val_fraction: 0.25, epochs: 2, batch_size: 16, channels_last: false}}
+label: {{batch_size: 50}}
+gate: {{kind: resnet8, epochs: 2, batch_size: 16}}
+finetune: {{policy: budget, knob: 0.6, epochs: 1, batch_size: 16, recalibration_images: 45}}
+targets: {{min_flops_saved: 0.3, max_top1_drop: 1.0}}
+""")
+    return path
+
+
+def test_pipeline_end_to_end_and_rerun_skips_finished_stages(image_dir, tmp_path):
+    summary = run_pipeline(_recipe(tmp_path, image_dir), tmp_path / "run")
+    r = summary["rounds"][0]
+    assert r["n_images"] == 15 and 0 < r["flops_ratio"] < 0.75 and summary["targets_met"]
+    model = GatedModel.load(summary["final"])
+    assert model.gate.kind == "resnet8" and model.policy.to_dict() == {"name": "budget", "knob": 0.6}
+    for name in ("recipe.yaml", "summary.json", "s1/backbone.safetensors", "round1/labels.safetensors",
+                 "round1/gated.safetensors", "round1/model.safetensors", "round1/eval.json"):
+        assert (tmp_path / "run" / name).exists(), name
+    before = (tmp_path / "run" / "round1" / "model.safetensors").stat().st_mtime_ns
+    assert run_pipeline(_recipe(tmp_path, image_dir), tmp_path / "run")["rounds"][0]["top1"] == r["top1"]
+    assert (tmp_path / "run" / "round1" / "model.safetensors").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("text,match", [
+    ("rounds: 1\nbogus: 3\n", "unknown key\\(s\\) \\['bogus'\\]"),
+    ("gate: {kind: transformer}\n", "unknown kind 'transformer'"),
+    ("gate: {kindd: mlp}\n", "\\[gate\\]: unknown key\\(s\\) \\['kindd'\\]"),
+    ("finetune: {policy: budget, knob: 1.5}\n", "budget must be in"),
+    ("rounds: [1\n", "not valid YAML"),
+    ("- a\n- b\n", "expected a mapping"),
+])
+def test_bad_recipes_fail_before_any_work(tmp_path, text, match):
+    with pytest.raises((RecipeError, ValueError), match=match):
+        run_pipeline(_recipe(tmp_path, "unused", text), tmp_path / "run")
+    assert not (tmp_path / "run" / "s1").exists()
+
+
+def test_missing_recipe_and_missing_data(tmp_path):
+    with pytest.raises(RecipeError, match="no such recipe"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(DataError, match="no such file"):
+        run_pipeline(_recipe(tmp_path, tmp_path / "no-data"), tmp_path / "run")

@@ -1,0 +1,40 @@
+"""Evaluate a gated model: accuracy, executed FLOPs, paths, per-unit skip rates."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from gating.model import GatedModel
+from gating.policies import Policy
+from training.data import ImageSet, batches, normalize
+
+
+@torch.inference_mode()
+def evaluate_gated(model: GatedModel, data: ImageSet, policy: Optional[Policy] = None, *,
+                   batch_size: int = 250) -> dict:
+    model.eval()
+    n, correct, correct_full = len(data), 0, 0
+    flops, keeps = [], []
+    for idx in batches(n, batch_size):
+        x = normalize(data.images[idx], model.card.mean, model.card.std) if model.card else normalize(data.images[idx])
+        y = data.labels[idx]
+        out = model(x, policy)
+        correct += (out.logits.argmax(1) == y).sum().item()
+        correct_full += (model.backbone(x).argmax(1) == y).sum().item()
+        flops.append(out.flops)
+        keeps.append(out.keep)
+    keep = torch.cat(keeps)
+    full = model.flops.full
+    used = policy or model.policy
+    return {
+        "n_images": n,
+        "policy": used.to_dict(),
+        "top1": correct / n,
+        "top1_full": correct_full / n,
+        "flops_ratio": float(torch.cat(flops).mean() / full),
+        "gate_flops_ratio": (model.gate_flops / full) if used.needs_scores else 0.0,
+        "units_executed_mean": float(keep.sum(1).float().mean()),
+        "distinct_paths": len({tuple(r) for r in keep.tolist()}),
+        "per_unit_skip_rate": [round(v, 4) for v in (1 - keep.float().mean(0)).tolist()],
+    }

@@ -1,0 +1,98 @@
+"""S5: gate fixed, finetune the backbone so each image runs only its own units; then recalibrate BN."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gating.executor import execute
+from gating.model import GatedModel
+from gating.policies import make_policy
+from training.data import ImageSet, augment, batches, normalize
+from training.run import RunDir, epoch_generator
+
+
+@dataclass
+class FinetuneConfig:
+    policy: str = "budget"  # the rule the model will be served with
+    knob: float = 0.6  # its knob
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 0.01  # cosine from here to zero
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    recalibration_images: int = 10_000  # images whose gated paths set the BN running statistics
+    seed: int = 0
+
+
+def train_on_own_paths(model: GatedModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One forward through each image's own path (units it skips get no gradient from it); returns the loss."""
+    keep = model.decide(x)
+    model.backbone.train()
+    return F.cross_entropy(execute(model.backbone, x, keep), y)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: GatedModel, data: ImageSet, *, images: int, batch_size: int = 250, seed: int = 0) -> None:
+    """Reset every backbone BN's running statistics and re-estimate them on the gated paths."""
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over all recalibration batches
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=g)[:images]
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            x = normalize(data.images[idx])
+            keep = model.decide(x)
+            model.backbone.train()
+            execute(model.backbone, x, keep)
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+        model.eval()
+
+
+def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: str | Path) -> GatedModel:
+    run = RunDir(run_dir, "finetune")
+    run.check_config(cfg)
+    model.policy = make_policy(cfg.policy, cfg.knob)
+    model.gate.requires_grad_(False)
+    params = list(model.backbone.parameters())
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = max(cfg.epochs * steps_per_epoch, 1)
+    start = 0
+    state = run.load_state()
+    if state is not None:
+        model.backbone.load_state_dict(state["backbone"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["epoch"])
+        run.trim_metrics(start)
+    for epoch in range(start, cfg.epochs):
+        g = epoch_generator(cfg.seed, epoch)
+        t0, loss_sum, seen = time.perf_counter(), 0.0, 0
+        for step, idx in enumerate(tqdm(batches(len(train), cfg.batch_size, g=g), total=steps_per_epoch, leave=False,
+                                        unit="batch", desc=f"S5 epoch {epoch + 1}/{cfg.epochs}")):
+            t = (epoch * steps_per_epoch + step) / total
+            for group in opt.param_groups:
+                group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
+            x = normalize(augment(train.images[idx], g))
+            loss = train_on_own_paths(model, x, train.labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+            seen += len(idx)
+        run.log({"epoch": epoch, "train_loss": loss_sum / seen, "seconds": time.perf_counter() - t0})
+        run.save_state({"backbone": model.backbone.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1})
+    recalibrate_bn(model, train, images=min(cfg.recalibration_images, len(train)), seed=cfg.seed)
+    model.gate.requires_grad_(True)
+    return model.eval()

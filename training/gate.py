@@ -1,0 +1,117 @@
+"""S4: train the gate G on importance labels, backbone M fixed.
+
+sigmoid(G(x)_i) is the probability that unit i stays open. Objectives:
+- ``reward`` (the patent's): maximise sum_i sigmoid(G(x)_i) * (imp(x,i) - price * cost_i) by gradient ascent;
+- ``reinforce``: sample open/closed decisions a ~ Bernoulli(sigmoid(G)), reward
+  R = sum_i a_i (imp(x,i) - price * cost_i), ascend (R - mean R) * grad log p(a);
+- ``regression``: fit G(x)_i to imp(x,i) (Huber loss), so threshold alpha reads as an importance level.
+cost_i is unit i's FLOPs saving relative to the mean unit's, so ``price`` is in loss units per average unit.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gating.gates import build_gate
+from gating.model import GatedModel
+from training.data import ImageSet, batches, normalize
+from training.run import RunDir, epoch_generator
+
+OBJECTIVES = ("reward", "reinforce", "regression")
+
+
+@dataclass
+class GateConfig:
+    kind: str = "resnet8"  # resnet8 | lstm | mlp
+    # one of OBJECTIVES. "regression" is the default: its scores rank units by predicted importance,
+    # which greedy, softmax and budget need; "reward" and "reinforce" learn only which side of the
+    # price a unit falls (saturated sigmoids), which suits the threshold rule alone (see tests).
+    objective: str = "regression"
+    price: float = 0.0  # lambda: the price of one average unit's compute, in loss units
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3  # Adam
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+
+def objective_loss(scores: torch.Tensor, imp: torch.Tensor, cost: torch.Tensor, cfg: GateConfig,
+                   g: torch.Generator | None = None) -> torch.Tensor:
+    """Loss to minimise for (B, n) scores and labels; ``cost`` (n,) relative unit cost."""
+    value = imp - cfg.price * cost  # (B, n) what keeping each unit is worth
+    if cfg.objective == "reward":
+        return -(torch.sigmoid(scores) * value).sum(1).mean()
+    if cfg.objective == "reinforce":
+        p = torch.sigmoid(scores)
+        a = (torch.rand(p.shape, generator=g) < p.detach().cpu()).to(p.dtype).to(p.device)
+        reward = (a * value).sum(1)
+        advantage = reward - reward.mean()
+        log_p = (a * F.logsigmoid(scores) + (1 - a) * F.logsigmoid(-scores)).sum(1)
+        return -(advantage.detach() * log_p).mean()
+    if cfg.objective == "regression":
+        return F.huber_loss(scores, imp, delta=1.0)
+    raise ValueError(f"unknown gate objective {cfg.objective!r}; use one of {OBJECTIVES}")
+
+
+def gate_scores(model: GatedModel, x: torch.Tensor) -> torch.Tensor:
+    """Scores with the backbone frozen: inline gates read the full path's unit inputs."""
+    if model.gate.upfront:
+        return model.gate(x)
+    with torch.no_grad():
+        features, _ = model.backbone.unit_inputs(x)
+    return model.gate.score_features(features)
+
+
+def train_gate(model: GatedModel, train: ImageSet, imp: torch.Tensor, cfg: GateConfig,
+               run_dir: str | Path) -> GatedModel:
+    """Attach a new gate of ``cfg.kind`` to ``model`` (backbone fixed) and train it; resumable per epoch."""
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"unknown gate objective {cfg.objective!r}; use one of {OBJECTIVES}")
+    if imp.shape != (len(train), model.num_units):
+        raise ValueError(f"labels are {tuple(imp.shape)}, expected ({len(train)}, {model.num_units})")
+    run = RunDir(run_dir, "gate")
+    run.check_config(cfg)
+    torch.manual_seed(cfg.seed)
+    model.gate = build_gate(cfg.kind, model.backbone)
+    model.refresh_flops()
+    model.backbone.eval().requires_grad_(False)
+    opt = torch.optim.Adam(model.gate.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * ((len(train) + cfg.batch_size - 1) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(steps, 1), pct_start=0.1)
+    start = 0
+    state = run.load_state()
+    if state is not None:
+        model.gate.load_state_dict(state["gate"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["epoch"])
+        run.trim_metrics(start)
+    saving = model.flops.saving().float()
+    cost = saving / saving.mean()
+    for epoch in range(start, cfg.epochs):
+        model.gate.train()
+        g = epoch_generator(cfg.seed, epoch)
+        t0, total, seen = time.perf_counter(), 0.0, 0
+        for idx in tqdm(batches(len(train), cfg.batch_size, g=g), desc=f"S4 {cfg.kind} epoch {epoch + 1}/{cfg.epochs}",
+                        unit="batch", leave=False, total=(len(train) + cfg.batch_size - 1) // cfg.batch_size):
+            images = train.images[idx]
+            flip = torch.rand(len(idx), generator=g) < 0.5  # flips keep labels valid; crops would not
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+            loss = objective_loss(gate_scores(model, normalize(images)), imp[idx], cost, cfg, g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        run.log({"epoch": epoch, "loss": total / seen, "seconds": time.perf_counter() - t0})
+        run.save_state({"gate": model.gate.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "epoch": epoch + 1})
+    model.gate.eval()
+    model.backbone.requires_grad_(True)
+    return model

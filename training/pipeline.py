@@ -1,0 +1,148 @@
+"""S6: S1 once, then rounds of S3 (labels) -> S4 (gate) -> S5 (finetune) until the targets hold.
+
+Run directory layout (every file written atomically; a stage whose output exists is
+skipped, and a stage that was killed resumes from its last finished epoch):
+
+    recipe.yaml                  the recipe as run
+    s1/backbone.safetensors      S1 output (+ s1/metrics.jsonl, s1/backbone-state.pt)
+    round<k>/labels.safetensors  S3 importance labels of the training split
+    round<k>/gated.safetensors   S4 output: the backbone with its new gate
+    round<k>/model.safetensors   S5 output: finetuned, BN recalibrated
+    round<k>/eval.json           validation figures of that round
+    summary.json                 rounds, figures, targets met, final checkpoint
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gating.checkpoint import atomic_write_text
+from gating.model import GatedModel
+from gating.policies import make_policy
+from training.backbone import BackboneConfig, evaluate, load_split, train_backbone
+from training.evaluate import evaluate_gated
+from training.finetune import FinetuneConfig, finetune
+from training.gate import GateConfig, train_gate
+from training.labels import LabelConfig, label_dataset, load_labels, save_labels
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run; the message names the file, the section and the key."""
+
+
+@dataclass
+class Targets:
+    min_flops_saved: float = 0.40  # 1 - flops_ratio on validation, gate FLOPs counted
+    max_top1_drop: float = 0.005  # allowed validation top-1 loss against the S1 backbone
+
+
+@dataclass
+class Recipe:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # S1 (also holds the data and split)
+    label: LabelConfig = field(default_factory=LabelConfig)  # S3
+    gate: GateConfig = field(default_factory=GateConfig)  # S4
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # S5 (policy and knob served)
+    targets: Targets = field(default_factory=Targets)  # S6 stopping rule
+    rounds: int = 2  # most S3-S5 rounds
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping with sections {[f.name for f in dataclasses.fields(Recipe)]}")
+    return _build(Recipe, raw, f"{path}")
+
+
+def _build(cls, raw: dict, where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    values = {}
+    for name, value in raw.items():
+        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise RecipeError(f"{where}: section {name!r} must be a mapping")
+            values[name] = _build(type(default), value, f"{where} [{name}]")
+        else:
+            values[name] = value
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise RecipeError(f"{where}: {err}") from err
+
+
+def _validate(recipe: Recipe, where: str) -> None:
+    checks = [
+        (recipe.rounds >= 1, "rounds must be >= 1"),
+        (recipe.backbone.epochs >= 1, "[backbone] epochs must be >= 1"),
+        (recipe.gate.kind in ("resnet8", "lstm", "mlp"), f"[gate] unknown kind {recipe.gate.kind!r}"),
+        (0 < recipe.targets.min_flops_saved < 1, "[targets] min_flops_saved must be in (0, 1)"),
+        (recipe.targets.max_top1_drop >= 0, "[targets] max_top1_drop must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise RecipeError(f"{where}: {message}")
+    make_policy(recipe.finetune.policy, recipe.finetune.knob)  # raises on a bad rule or knob
+
+
+def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
+    recipe = load_recipe(recipe_path)
+    _validate(recipe, str(recipe_path))
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / "recipe.yaml", Path(recipe_path).read_text())
+
+    s1 = run / "s1" / "backbone.safetensors"
+    if not s1.exists():
+        train_backbone(recipe.backbone, run / "s1")
+    train, val = load_split(recipe.backbone)
+    base = GatedModel.load(s1)
+    base_top1 = evaluate(base.backbone, val)
+    rounds, model, met = [], base, False
+    for k in range(1, recipe.rounds + 1):
+        rdir = run / f"round{k}"
+        final = rdir / "model.safetensors"
+        if not final.exists():
+            labels = rdir / "labels.safetensors"
+            if not labels.exists():
+                imp = label_dataset(model.backbone, train, recipe.label)
+                save_labels(labels, imp, source=str(s1 if k == 1 else run / f"round{k - 1}" / "model.safetensors"),
+                            num_units=model.num_units)
+            imp = load_labels(labels, num_images=len(train), num_units=model.num_units)
+            gated = rdir / "gated.safetensors"
+            if gated.exists():
+                model = GatedModel.load(gated)
+            else:
+                model = train_gate(model, train, imp, recipe.gate, rdir)
+                model.policy = make_policy(recipe.finetune.policy, recipe.finetune.knob)
+                model.save(gated)
+            model = finetune(model, train, recipe.finetune, rdir)
+            model.card.info = {"stage": f"S5 round {k}", "recipe": str(recipe_path)}
+            model.save(final)
+        model = GatedModel.load(final)
+        figures = evaluate_gated(model, val)
+        figures.update(round=k, backbone_top1=base_top1, flops_saved=1 - figures["flops_ratio"],
+                       top1_drop=base_top1 - figures["top1"])
+        atomic_write_text(rdir / "eval.json", json.dumps(figures, indent=2) + "\n")
+        rounds.append(figures)
+        met = (figures["flops_saved"] >= recipe.targets.min_flops_saved
+               and figures["top1_drop"] <= recipe.targets.max_top1_drop)
+        if met:
+            break
+    summary = {"backbone": str(s1), "backbone_top1": base_top1, "rounds": rounds, "targets_met": met,
+               "targets": dataclasses.asdict(recipe.targets), "final": str(run / f"round{len(rounds)}" / "model.safetensors")}
+    atomic_write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
