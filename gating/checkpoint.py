@@ -113,6 +113,8 @@ def load_tensors(path: os.PathLike | str) -> tuple[dict[str, torch.Tensor], Mode
     path = str(path)
     if not os.path.exists(path):
         raise CheckpointError(path, "no such checkpoint file")
+    if not os.path.isfile(path):
+        raise CheckpointError(path, "is a directory, not a checkpoint file")
     if os.path.getsize(path) == 0:
         raise CheckpointError(path, "file is empty")
     try:

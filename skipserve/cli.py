@@ -61,6 +61,127 @@ def _train_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(checkpoint: str):
+    from gating.model import GatedModel
+    from gating.zoo import resolve_checkpoint
+
+    return GatedModel.load(resolve_checkpoint(checkpoint))
+
+
+def _policy_from(args: argparse.Namespace):
+    from gating.policies import make_policy
+
+    if args.budget is not None:
+        if args.policy not in (None, "budget"):
+            raise ValueError("--budget sets the budget policy; do not combine it with --policy")
+        return make_policy("budget", args.budget)
+    if args.policy is not None:
+        return make_policy(args.policy, args.alpha)
+    if args.alpha is not None:
+        raise ValueError("--alpha needs --policy threshold|softmax|greedy")
+    return None
+
+
+def _split_of(data, args: argparse.Namespace, model):
+    """all images, or the train/val split the model was trained with (seed and fraction from its card)."""
+    from training.data import split_train_val
+
+    if args.split == "all":
+        return data
+    s1 = (model.card.info.get("config") or {}) if model.card else {}
+    train, val = split_train_val(data, val_fraction=float(s1.get("val_fraction", 0.1)),
+                                 seed=int(s1.get("split_seed", 0)))
+    return val if args.split == "val" else train
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from training.data import load_image_folder
+    from training.evaluate import evaluate_gated
+
+    policy = _policy_from(args)  # a bad knob fails before any loading
+    model = _load_model(args.checkpoint)
+    data = load_image_folder(args.data)
+    if data.classes != model.card.class_names:
+        raise ValueError(f"{args.data}: classes {data.classes} differ from the model's {model.card.class_names}")
+    result = evaluate_gated(model, _split_of(data, args, model), policy)
+    result.update(checkpoint=args.checkpoint, data=args.data, split=args.split)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"top-1 {result['top1']:.4f} (full {result['top1_full']:.4f}), FLOPs {result['flops_ratio']:.3f} of full "
+              f"(gate {result['gate_flops_ratio']:.3f}), {result['units_executed_mean']:.2f} units/image, "
+              f"{result['distinct_paths']} paths, {result['n_images']} images")
+    return 0
+
+
+def _label(args: argparse.Namespace) -> int:
+    from training.backbone import BackboneConfig, load_split
+    from training.labels import LabelConfig, label_dataset, save_labels
+
+    model = _load_model(args.checkpoint)
+    train, _ = load_split(BackboneConfig(data=args.data, val_fraction=args.val_fraction, split_seed=args.split_seed))
+    imp = label_dataset(model.backbone, train, LabelConfig(batch_size=args.batch_size))
+    save_labels(args.out, imp, source=args.checkpoint, num_units=model.num_units)
+    print(f"{args.out}: importance of {model.num_units} units for {len(train)} images")
+    return 0
+
+
+def _train_gate(args: argparse.Namespace) -> int:
+    from training.backbone import BackboneConfig, load_split
+    from training.gate import GateConfig, train_gate
+    from training.labels import load_labels
+
+    model = _load_model(args.checkpoint)
+    train, _ = load_split(BackboneConfig(data=args.data, val_fraction=args.val_fraction, split_seed=args.split_seed))
+    imp = load_labels(args.labels, num_images=len(train), num_units=model.num_units)
+    cfg = config_from(GateConfig, args, kind=args.gate, objective=args.objective, epochs=args.epochs, seed=args.seed)
+    model = train_gate(model, train, imp, cfg, args.run_dir)
+    model.policy = _policy_from(args) or model.policy
+    model.save(args.out)
+    print(args.out)
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from training.backbone import BackboneConfig, load_split
+    from training.finetune import FinetuneConfig, finetune
+
+    model = _load_model(args.checkpoint)
+    if model.gate is None:
+        raise ValueError(f"{args.checkpoint}: has no gate; run train-gate first")
+    train, _ = load_split(BackboneConfig(data=args.data, val_fraction=args.val_fraction, split_seed=args.split_seed))
+    cfg = config_from(FinetuneConfig, args, epochs=args.epochs, seed=args.seed)
+    finetune(model, train, cfg, args.run_dir).save(args.out)
+    print(args.out)
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from training.pipeline import run_pipeline
+
+    summary = run_pipeline(args.config, args.run_dir)
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["targets_met"] else 1
+
+
+def _bench_labels(args: argparse.Namespace) -> int:
+    from benchmarks.common import machine_info
+    from training.backbone import BackboneConfig, load_split
+    from training.labels import bench_labels
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model = _load_model(args.checkpoint)
+    train, _ = load_split(BackboneConfig(data=args.data))
+    result = bench_labels(model.backbone, train, images=args.images)
+    result.update(benchmark="labels", checkpoint=args.checkpoint, machine=machine_info())
+    print(json.dumps(result, indent=2) if args.json else
+          f"naive {result['naive_s']:.1f}s, cached {result['cached_s']:.1f}s, speedup {result['speedup']:.2f}x, "
+          f"max |diff| {result['max_abs_diff']:.2e} ({result['images']} images)")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from gating.zoo import resolve_checkpoint
 
@@ -91,6 +212,65 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train_backbone)
 
 
+DEFAULT_DATA = "../shared/data/cifar10-train-jpeg.tar.gz"
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=DEFAULT_DATA, help=f"image folder or archive (default: {DEFAULT_DATA})")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out fraction (default: 0.1)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split (default: 0)")
+
+
+def _add_policy(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", choices=["full", "greedy", "threshold", "softmax", "budget"],
+                   help="decision rule (default: the checkpoint's)")
+    p.add_argument("--alpha", type=float, help="the rule's knob: k for greedy, alpha for threshold/softmax")
+    p.add_argument("--budget", type=float, help="fraction of backbone FLOPs an image may use, in (0, 1]")
+
+
+def _add_stages(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("label", help="S3: importance of every unit for every training image")
+    p.add_argument("--checkpoint", required=True, help="backbone checkpoint or shipped name")
+    p.add_argument("--out", required=True, help="labels file to write (.safetensors)")
+    p.add_argument("--batch-size", type=int, default=250)
+    _add_data(p)
+    p.set_defaults(func=_label)
+
+    p = sub.add_parser("train-gate", help="S4: train a gate on importance labels (backbone fixed)")
+    p.add_argument("--checkpoint", required=True, help="backbone checkpoint or shipped name")
+    p.add_argument("--labels", required=True, help="labels from `skipserve label`")
+    p.add_argument("--gate", choices=["resnet8", "lstm", "mlp"], help="gate kind (default: resnet8)")
+    p.add_argument("--objective", choices=["reward", "reinforce", "regression"], help="default: regression")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--out", required=True, help="gated checkpoint to write")
+    _add_data(p)
+    _add_policy(p)
+    _add_stage_options(p, "runs/gate")
+    p.set_defaults(func=_train_gate)
+
+    p = sub.add_parser("finetune", help="S5: finetune the backbone on each image's own path, recalibrate BN")
+    p.add_argument("--checkpoint", required=True, help="gated checkpoint from train-gate")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--out", required=True, help="checkpoint to write")
+    _add_data(p)
+    _add_stage_options(p, "runs/finetune")
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("pipeline", help="S6: S1, then S3-S5 rounds until the recipe's targets hold (resumable)")
+    p.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/default.yaml")
+    p.add_argument("--run-dir", default="runs/default", help="run directory (default: runs/default)")
+    p.set_defaults(func=_pipeline)
+
+    p = sub.add_parser("eval", help="accuracy and executed FLOPs of a (gated) checkpoint")
+    p.add_argument("--checkpoint", default="default", help="checkpoint path or shipped name (default: default)")
+    p.add_argument("--data", required=True, help="a <split>/<class>/*.jpg tree or an archive of it")
+    p.add_argument("--split", choices=["all", "train", "val"], default="all",
+                   help="all images, or the model's own train/val split of them (default: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_policy(p)
+    p.set_defaults(func=_eval)
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a gated model over HTTP (Ray Serve)")
     p.add_argument("--checkpoint", default="default", help="checkpoint path or shipped name (default: default)")
@@ -108,6 +288,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     engine.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     engine.add_argument("--json", action="store_true", help="print one JSON object")
     engine.set_defaults(func=_bench_engine)
+    labels = bsub.add_parser("labels", help="importance labels: naive vs cached, time and agreement")
+    labels.add_argument("--checkpoint", default="default-backbone", help="backbone (default: default-backbone)")
+    labels.add_argument("--data", default=DEFAULT_DATA)
+    labels.add_argument("--images", type=int, default=500, help="images to label with both methods (default: 500)")
+    labels.add_argument("--threads", type=int, default=2)
+    labels.add_argument("--json", action="store_true")
+    labels.set_defaults(func=_bench_labels)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Learn per image which residual units to skip, really skip them, serve over HTTP.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
+    _add_stages(sub)
     _add_serve(sub)
     _add_bench(sub)
     return parser

@@ -1,4 +1,4 @@
-import os
+import tarfile
 
 import pytest
 import torch
@@ -30,3 +30,33 @@ def _threads():
 def make_backbone(name: str, seed: int = 0):
     torch.manual_seed(seed)
     return randomize_bn(build_backbone(name), seed).eval()
+
+
+CLASSES = ["cat", "dog", "frog"]
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory):
+    """train/<class>/*.jpg with class-dependent colour, 20 images a class."""
+    from torchvision.io import encode_jpeg
+
+    root = tmp_path_factory.mktemp("imgs")
+    g = torch.Generator().manual_seed(0)
+    for c, name in enumerate(CLASSES):
+        d = root / "train" / name
+        d.mkdir(parents=True)
+        for i in range(20):
+            img = torch.randint(0, 60, (3, 32, 32), generator=g, dtype=torch.uint8)
+            img[c] += 150
+            (d / f"{i:03d}.jpg").write_bytes(encode_jpeg(img, quality=95).numpy().tobytes())
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_tar(image_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tar") / "tiny.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(image_dir / "train", arcname="train")
+    return path
+
+

@@ -1,6 +1,5 @@
 """Training stages on tiny models and data: real behaviour, seconds each."""
 import json
-import tarfile
 
 import pytest
 import torch
@@ -19,32 +18,7 @@ from training.gate import GateConfig, train_gate
 from training.labels import importance_cached, importance_naive, load_labels, save_labels
 from training.pipeline import RecipeError, load_recipe, run_pipeline
 
-CLASSES = ["cat", "dog", "frog"]
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-    """train/<class>/*.jpg with class-dependent colour, 20 images a class."""
-    from torchvision.io import encode_jpeg
-
-    root = tmp_path_factory.mktemp("imgs")
-    g = torch.Generator().manual_seed(0)
-    for c, name in enumerate(CLASSES):
-        d = root / "train" / name
-        d.mkdir(parents=True)
-        for i in range(20):
-            img = torch.randint(0, 60, (3, 32, 32), generator=g, dtype=torch.uint8)
-            img[c] += 150
-            (d / f"{i:03d}.jpg").write_bytes(encode_jpeg(img, quality=95).numpy().tobytes())
-    return root
-
-
-@pytest.fixture(scope="module")
-def image_tar(image_dir, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tar") / "tiny.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        tar.add(image_dir / "train", arcname="train")
-    return path
+from tests.conftest import CLASSES
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """S1: pretrain the residual backbone M (SGD + momentum, cosine or step schedule)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ def bn_l1_subgradient(model: torch.nn.Module, strength: float) -> None:
 
 def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
     """Train (or resume) S1; returns the path of the backbone checkpoint."""
+    cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))  # one run, however the path is spelled
     run = RunDir(run_dir, "backbone")
     run.check_config(cfg)
     device = pick_device(cfg.device)

@@ -1,0 +1,56 @@
+"""The stage commands end to end on tiny data, as a user would chain them."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def skipserve(*args, env_cache, check=True):
+    env = {"SKIPSERVE_CACHE": str(env_cache), "TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "skipserve", *map(str, args)], capture_output=True, text=True,
+                         env=env)
+    if check:
+        assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
+@pytest.mark.slow
+def test_train_label_gate_finetune_eval(image_dir, tmp_path):
+    cache = tmp_path / "cache"
+    common = ["--data", image_dir, "--val-fraction", "0.25"]
+    s1 = skipserve("train-backbone", "--arch", "resnet20", "--data", image_dir, "--epochs", "1",
+                   "--set", "val_fraction=0.25", "--set", "batch_size=16", "--run-dir", tmp_path / "s1",
+                   env_cache=cache).stdout.strip().splitlines()[-1]
+    skipserve("label", "--checkpoint", s1, "--out", tmp_path / "labels.safetensors", *common, env_cache=cache)
+    skipserve("train-gate", "--checkpoint", s1, "--labels", tmp_path / "labels.safetensors", "--gate", "resnet8",
+              "--epochs", "1", "--budget", "0.6", "--out", tmp_path / "gated.safetensors",
+              "--run-dir", tmp_path / "gate", *common, env_cache=cache)
+    skipserve("finetune", "--checkpoint", tmp_path / "gated.safetensors", "--epochs", "1",
+              "--set", "recalibration_images=30", "--set", "policy=budget", "--set", "knob=0.6",
+              "--out", tmp_path / "final.safetensors", "--run-dir", tmp_path / "ft", *common, env_cache=cache)
+    result = json.loads(skipserve("eval", "--checkpoint", tmp_path / "final.safetensors", "--data", image_dir,
+                                  "--split", "val", "--json", env_cache=cache).stdout)
+    assert result["n_images"] == 15
+    for key in ("top1", "top1_full", "flops_ratio", "gate_flops_ratio", "units_executed_mean", "distinct_paths",
+                "per_unit_skip_rate"):
+        assert key in result
+    assert result["flops_ratio"] <= 0.6 + result["gate_flops_ratio"] + 1e-9
+    assert len(result["per_unit_skip_rate"]) == 9
+    full = json.loads(skipserve("eval", "--checkpoint", tmp_path / "final.safetensors", "--data", image_dir,
+                                "--split", "val", "--json", "--policy", "full", env_cache=cache).stdout)
+    assert full["flops_ratio"] == 1.0 and full["top1"] == full["top1_full"] == result["top1_full"]
+
+
+def test_stage_commands_fail_clearly_on_bad_input(image_dir, tmp_path):
+    cache = tmp_path / "cache"
+    out = skipserve("eval", "--checkpoint", tmp_path / "none.safetensors", "--data", image_dir,
+                    env_cache=cache, check=False)
+    assert out.returncode == 2 and "no such checkpoint file" in out.stderr
+    out = skipserve("eval", "--data", image_dir, "--checkpoint", tmp_path, env_cache=cache, check=False)
+    assert out.returncode == 2 and "is a directory, not a checkpoint file" in out.stderr
+    out = skipserve("eval", "--data", image_dir, "--budget", "1.5", "--checkpoint", tmp_path / "none",
+                    env_cache=cache, check=False)
+    assert out.returncode == 2 and "budget must be in (0, 1], got 1.5" in out.stderr
+    out = skipserve("pipeline", "--config", tmp_path / "missing.yaml", env_cache=cache, check=False)
+    assert out.returncode == 2 and "no such recipe file" in out.stderr
