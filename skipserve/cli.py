@@ -182,6 +182,15 @@ def _bench_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from training.pruning.run import prune_checkpoint
+
+    report = prune_checkpoint(args.method, args.ratio, args.checkpoint, args.data, args.out,
+                              finetune_epochs=args.finetune_epochs)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from gating.zoo import resolve_checkpoint
 
@@ -260,6 +269,17 @@ def _add_stages(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/default.yaml")
     p.add_argument("--run-dir", default="runs/default", help="run directory (default: runs/default)")
     p.set_defaults(func=_pipeline)
+
+    p = sub.add_parser("prune", help="static pruning of a backbone: channel methods or magnitude (CSR)")
+    p.add_argument("--method", required=True, help="l1, slimming, lasso, genetic, hrank, or magnitude")
+    p.add_argument("--ratio", type=float, required=True, help="fraction of backbone FLOPs to remove (magnitude: "
+                                                                "of weights), in (0, 1)")
+    p.add_argument("--checkpoint", required=True, help="backbone checkpoint (S1) or shipped name")
+    p.add_argument("--data", default=DEFAULT_DATA, help="training images: samples for data-driven criteria, "
+                                                        "validation split for top-1")
+    p.add_argument("--out", required=True, help="pruned checkpoint to write")
+    p.add_argument("--finetune-epochs", type=int, default=0)
+    p.set_defaults(func=_prune)
 
     p = sub.add_parser("eval", help="accuracy and executed FLOPs of a (gated) checkpoint")
     p.add_argument("--checkpoint", default="default", help="checkpoint path or shipped name (default: default)")

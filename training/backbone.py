@@ -40,6 +40,7 @@ class BackboneConfig:
     seed: int = 0
     device: str = "auto"  # "auto" = the accelerator when present
     channels_last: bool = True  # faster convolutions on CPU and GPU
+    init: Optional[str] = None  # start from this checkpoint's backbone (e.g. a pruned one); arch comes from it
 
 
 def lr_at(cfg: BackboneConfig, step: int, steps_per_epoch: int) -> float:
@@ -90,7 +91,10 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
     train, val = load_split(cfg)
 
     torch.manual_seed(cfg.seed)
-    model: ResidualBackbone = build_backbone(ArchSpec(cfg.arch, num_classes=len(train.classes))).to(device)
+    if cfg.init:
+        model: ResidualBackbone = GatedModel.load(cfg.init).backbone.train().to(device)
+    else:
+        model = build_backbone(ArchSpec(cfg.arch, num_classes=len(train.classes))).to(device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]

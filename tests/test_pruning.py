@@ -1,0 +1,161 @@
+"""Static pruners on tiny models: channel counts, shapes, and each method's own property."""
+import pytest
+import torch
+
+from gating.flops import profile_backbone
+from gating.model import GatedModel
+from training.pruning.criteria import CRITERIA, Genetic, Lasso, _contributions, inner_activation
+from training.pruning.magnitude import CSR, magnitude_prune
+from training.pruning.pruner import ChannelPruner
+from training.pruning.surgery import prune_inner_channels
+from tests.conftest import make_backbone
+
+SAMPLE = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", CRITERIA.names())
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_every_channel_method_meets_the_ratio_with_smaller_tensors(method, ratio):
+    backbone = make_backbone("resnet20")
+    full = profile_backbone(backbone).full
+    pruned = ChannelPruner(CRITERIA.get(method)(), ratio).prune(backbone, SAMPLE)
+    removed = 1 - profile_backbone(pruned).full / full
+    assert removed == pytest.approx(ratio, abs=0.03)
+    for unit, width in zip(pruned.units, pruned.spec.inner_widths):
+        assert unit.conv1.weight.shape[0] == unit.bn1.num_features == unit.conv2.weight.shape[1] == width >= 1
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in backbone.parameters())
+    with torch.no_grad():
+        assert pruned(SAMPLE).shape == (32, 10)
+    model = GatedModel(pruned)  # a pruned backbone is an ordinary gated-model backbone
+    keep = torch.rand(32, model.num_units, generator=torch.Generator().manual_seed(1)) < 0.5
+    with torch.no_grad():
+        from gating.executor import execute
+        assert torch.allclose(execute(pruned, SAMPLE, keep), execute(pruned, SAMPLE, keep, "mask"), atol=1e-5)
+
+
+def test_uniform_allocation_counts():
+    backbone = make_backbone("resnet20")
+    counts = ChannelPruner(CRITERIA.get("l1")(), 0.5).keep_counts(backbone)
+    assert counts == [8, 8, 8, 16, 16, 16, 32, 32, 32]
+
+
+def test_surgery_keeping_every_channel_is_exact_and_l1_keeps_the_largest_filters():
+    backbone = make_backbone("resnet20")
+    same = prune_inner_channels(backbone, [torch.arange(u.conv1.out_channels).flip(0) for u in backbone.units])
+    with torch.no_grad():
+        assert torch.allclose(same(SAMPLE), backbone(SAMPLE), atol=1e-5)
+    keep = ChannelPruner(CRITERIA.get("l1")(), 0.5).select(backbone, None)
+    norms = backbone.units[0].conv1.weight.abs().sum((1, 2, 3))
+    assert set(keep[0].tolist()) == set(norms.topk(8).indices.tolist())
+
+
+def test_slimming_removes_zero_gamma_channels_without_changing_outputs():
+    backbone = make_backbone("resnet20")
+    with torch.no_grad():
+        for unit in backbone.units:  # a network-slimming-trained model: a quarter of gammas driven to 0
+            c = unit.bn1.num_features
+            unit.bn1.weight[: c // 4] = 0
+            unit.bn1.bias[: c // 4] = -1.0  # relu(beta) = 0: those channels contribute nothing
+        before = backbone(SAMPLE)
+    from training.pruning.surgery import inner_flops_per_channel
+    profile = profile_backbone(backbone)
+    zero_cost = sum(c * (u.bn1.num_features // 4) for c, u in zip(inner_flops_per_channel(backbone, profile),
+                                                                  backbone.units))
+    keep = ChannelPruner(CRITERIA.get("slimming")(), zero_cost / profile.full - 1e-6).select(backbone, None)
+    for unit, k in zip(backbone.units, keep):  # exactly the zero-gamma channels are gone
+        c = unit.bn1.num_features
+        assert k.tolist() == list(range(c // 4, c))
+    with torch.no_grad():
+        exact = prune_inner_channels(backbone, keep)(SAMPLE)
+    assert torch.allclose(exact, before, atol=1e-4)
+
+
+def test_hrank_scores_are_feature_map_ranks():
+    backbone = make_backbone("resnet20")
+    scores = CRITERIA.get("hrank")().scores(backbone, SAMPLE, [8] * 9)
+    assert all(((s >= 0) & (s <= 32)).all() for s in scores)
+    with torch.no_grad():
+        a = inner_activation(backbone.units[0], backbone.stem(SAMPLE))
+    assert torch.allclose(scores[0], torch.linalg.matrix_rank(a.double()).float().mean(0))
+
+
+def test_lasso_least_squares_beats_the_same_channels_without_it():
+    backbone = make_backbone("resnet20")
+    unit = backbone.units[4]
+    with torch.no_grad():
+        x = backbone.unit_inputs(SAMPLE)[0][4]
+        keep = CRITERIA.get("lasso")().scores(backbone, SAMPLE, [8] * 3 + [8] * 3 + [16] * 3)[4].topk(8).indices
+        reference = unit.bn2(unit.conv2(inner_activation(unit, x)))
+
+        def error(u):
+            a = inner_activation(u, x)
+            mask = torch.zeros(a.shape[1])
+            mask[keep] = 1
+            return (u.bn2(u.conv2(a * mask.view(1, -1, 1, 1))) - reference).pow(2).mean()
+
+        plain = error(unit)
+        import copy
+        rebuilt = copy.deepcopy(unit)
+        Lasso().reconstruct(rebuilt, keep, x)
+        assert error(rebuilt) < plain
+
+
+def test_genetic_search_is_no_worse_than_its_l1_seed():
+    backbone = make_backbone("resnet20")
+    unit = backbone.units[1]
+    with torch.no_grad():
+        x = backbone.unit_inputs(SAMPLE)[0][1]
+        g = torch.Generator().manual_seed(0)
+        best = Genetic()._search(unit, x, 8, g)
+        z, _ = _contributions(unit, x, Genetic.positions, torch.Generator().manual_seed(0))
+    scale = unit.bn2.weight / (unit.bn2.running_var + unit.bn2.eps).sqrt()
+    z = (z.view(16, -1, 16) * scale).reshape(16, -1).double()
+
+    def err(keep):
+        d = torch.ones(16, dtype=torch.double)
+        d[keep] = 0
+        return float(d @ (z @ z.T).detach() @ d)
+
+    l1 = unit.conv1.weight.abs().sum((1, 2, 3)).topk(8).indices
+    assert len(best) == 8 and err(best) <= err(l1) + 1e-9
+
+
+def test_magnitude_sparsity_and_csr_round_trip():
+    backbone = make_backbone("resnet20")
+    y = torch.randint(0, 10, (32,))
+    result = magnitude_prune(backbone, 0.6, SAMPLE, y)
+    assert result["sparsity"] == pytest.approx(0.6, abs=0.01)
+    for name, layer in backbone.named_modules():
+        if name in result["csr"]:
+            csr = result["csr"][name]
+            assert torch.equal(csr.to_dense(), layer.weight)
+            a, n = int((layer.weight != 0).sum()), layer.weight.shape[0]
+            assert csr.numbers == 2 * a + n + 1
+    assert result["csr_numbers"] < result["dense_numbers"]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, 1.5])
+def test_ratio_outside_the_open_interval_is_refused(ratio):
+    with pytest.raises(ValueError, match="ratio must be in \\(0, 1\\)"):
+        ChannelPruner(CRITERIA.get("l1")(), ratio)
+
+
+def test_prune_command_refuses_bad_input_before_work(tmp_path):
+    from gating.checkpoint import ModelCard
+    from gating.gates import build_gate
+    from training.pruning.run import validate
+
+    card = ModelCard(arch={}, class_names=["a"] * 10, input_size=(3, 32, 32), mean=(0,) * 3, std=(1,) * 3)
+    backbone = make_backbone("resnet20")
+    GatedModel(backbone, card=card).save(tmp_path / "b.safetensors")
+    GatedModel(backbone, build_gate("mlp", backbone), card=card).save(tmp_path / "g.safetensors")
+    GatedModel(make_backbone("resnet18"), card=card).save(tmp_path / "tv.safetensors")
+    validate("l1", 0.5, tmp_path / "b.safetensors")
+    with pytest.raises(ValueError, match="unknown pruning method 'l2'"):
+        validate("l2", 0.5, tmp_path / "b.safetensors")
+    with pytest.raises(ValueError, match="--ratio must be in"):
+        validate("l1", 1.0, tmp_path / "b.safetensors")
+    with pytest.raises(ValueError, match="is a gated model"):
+        validate("l1", 0.5, tmp_path / "g.safetensors")
+    with pytest.raises(ValueError, match="not a CIFAR ResNet"):
+        validate("hrank", 0.5, tmp_path / "tv.safetensors")

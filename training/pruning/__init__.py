@@ -1,0 +1,1 @@
+"""Static pruning: thin a backbone once, for every input, before gates are trained."""

@@ -1,0 +1,212 @@
+"""Channel-importance criteria (strategy objects): higher score = keep.
+
+Each criterion scores the inner channels of every unit; ``ChannelPruner`` turns the
+scores and a FLOPs ratio into index sets. A criterion may also ``reconstruct`` a unit's
+next layer after selection (LASSO's least squares).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from gating.backbones import CifarBasicBlock, ResidualBackbone
+from gating.registry import Registry
+
+CRITERIA: Registry[type["Criterion"]] = Registry("pruning method")
+
+
+class Criterion:
+    name: ClassVar[str]
+    needs_data: ClassVar[bool] = False
+    scope: ClassVar[str] = "uniform"  # "uniform": same fraction in each unit; "global": one ranking for all
+
+    def scores(self, backbone: ResidualBackbone, sample: torch.Tensor, keep_counts: list[int]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def reconstruct(self, unit: CifarBasicBlock, keep: torch.Tensor, unit_input: torch.Tensor) -> None:
+        """Optionally refit the unit after selection (default: nothing)."""
+
+
+def inner_activation(unit: CifarBasicBlock, x: torch.Tensor) -> torch.Tensor:
+    """relu(bn1(conv1(x))): the inner feature maps (B, inner, H, W)."""
+    return F.relu(unit.bn1(unit.conv1(x)))
+
+
+def unit_inputs(backbone: ResidualBackbone, sample: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        inputs, _ = backbone.eval().unit_inputs(sample)
+    return inputs
+
+
+@CRITERIA.register("l1")
+class L1Norm(Criterion):
+    """Li et al. 2017: the L1 norm of each conv1 filter."""
+
+    name = "l1"
+
+    def scores(self, backbone, sample, keep_counts):
+        return [u.conv1.weight.detach().abs().sum((1, 2, 3)) for u in backbone.units]
+
+
+@CRITERIA.register("slimming")
+class BNScale(Criterion):
+    """Liu et al. 2017: |gamma| of bn1, ranked globally (train with ``bn_l1`` > 0 first)."""
+
+    name, scope = "slimming", "global"
+
+    def scores(self, backbone, sample, keep_counts):
+        return [u.bn1.weight.detach().abs() for u in backbone.units]
+
+
+@CRITERIA.register("hrank")
+class HRank(Criterion):
+    """Lin et al. 2020: average rank of each channel's feature map over sample images."""
+
+    name, needs_data = "hrank", True
+
+    def scores(self, backbone, sample, keep_counts):
+        out = []
+        with torch.no_grad():
+            for unit, x in zip(backbone.units, unit_inputs(backbone, sample)):
+                maps = inner_activation(unit, x)  # (B, C, H, W)
+                out.append(torch.linalg.matrix_rank(maps.double()).float().mean(0))
+        return out
+
+
+def _contributions(unit: CifarBasicBlock, x: torch.Tensor, positions: int, g: torch.Generator):
+    """Per inner channel, its contribution to sampled conv2 outputs: Z (C, N*P*out) and Y = sum_c Z_c."""
+    a = inner_activation(unit, x)  # (B, C, H, W)
+    cols = F.unfold(a, 3, padding=1)  # (B, C*9, H*W)
+    b, _, hw = cols.shape
+    pick = torch.randint(0, hw, (b, positions), generator=g)
+    cols = torch.gather(cols, 2, pick[:, None, :].expand(b, cols.shape[1], positions))  # (B, C*9, P)
+    c = a.shape[1]
+    patches = cols.view(b, c, 9, positions).permute(0, 3, 1, 2).reshape(b * positions, c, 9)  # (N, C, 9)
+    w = unit.conv2.weight.detach().view(unit.conv2.out_channels, c, 9)  # (out, C, 9)
+    z = torch.einsum("nck,ock->cno", patches, w).reshape(c, -1)  # (C, N*out)
+    return z, patches
+
+
+@CRITERIA.register("lasso")
+class Lasso(Criterion):
+    """He et al. 2017: LASSO on channel coefficients beta to select, least squares to rebuild conv2."""
+
+    name, needs_data = "lasso", True
+    positions = 10  # sampled output positions per image
+    iterations = 300
+
+    def scores(self, backbone, sample, keep_counts):
+        g = torch.Generator().manual_seed(0)
+        out = []
+        with torch.no_grad():
+            for unit, x, k in zip(backbone.units, unit_inputs(backbone, sample), keep_counts):
+                z, _ = _contributions(unit, x, self.positions, g)
+                out.append(self._select(z.double(), k))
+        return out
+
+    def _select(self, z: torch.Tensor, k: int) -> torch.Tensor:
+        """|beta| from the LASSO whose penalty leaves about k non-zero coefficients (bisection on lambda)."""
+        y = z.sum(0)
+        gram, zy = z @ z.T, z @ y  # (C, C), (C,)
+        step = 1.0 / torch.linalg.eigvalsh(gram).max()
+        lo, hi = 0.0, float(zy.abs().max())
+        beta = torch.ones(len(z), dtype=z.dtype)
+        for _ in range(30):
+            lam = (lo + hi) / 2
+            b = self._ista(gram, zy, lam, step)
+            if int((b.abs() > 1e-10).sum()) > k:
+                lo = lam
+            else:
+                hi, beta = lam, b
+        return beta.abs().float() + 1e-12 * (z.abs().sum(1) / z.abs().sum()).float()  # ties broken by magnitude
+
+    def _ista(self, gram, zy, lam, step):
+        beta = torch.ones(len(zy), dtype=gram.dtype)
+        for _ in range(self.iterations):
+            beta = beta - step * (gram @ beta - zy)
+            beta = torch.sign(beta) * (beta.abs() - step * lam).clamp_min(0)
+        return beta
+
+    def reconstruct(self, unit, keep, unit_input):
+        """Least squares: conv2 weights on the kept channels that best reproduce the unpruned conv2 output."""
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            z, patches = _contributions(unit, unit_input, self.positions, g)
+            out = unit.conv2.out_channels
+            target = z.sum(0).view(-1, out).double()  # (N, out)
+            x = patches[:, keep].reshape(len(patches), -1).double()  # (N, k*9)
+            w = torch.linalg.lstsq(x, target).solution  # (k*9, out)
+            new = unit.conv2.weight.detach().clone()
+            new[:, keep] = w.T.reshape(out, len(keep), 3, 3).to(new.dtype)
+            unit.conv2.weight.copy_(new)
+
+
+@CRITERIA.register("genetic")
+class Genetic(Criterion):
+    """A genetic algorithm over binary channel masks per unit (fitness: residual-branch reconstruction)."""
+
+    name, needs_data = "genetic", True
+    population = 32
+    generations = 40
+    mutation = 0.1  # probability that an offspring swaps one kept channel for a dropped one
+
+    def scores(self, backbone, sample, keep_counts):
+        g = torch.Generator().manual_seed(0)
+        out = []
+        with torch.no_grad():
+            for unit, x, k in zip(backbone.units, unit_inputs(backbone, sample), keep_counts):
+                best = self._search(unit, x, k, g)
+                score = torch.zeros(unit.conv1.out_channels)
+                score[best] = 1.0
+                out.append(score + 1e-6 * unit.conv1.weight.abs().sum((1, 2, 3)) / unit.conv1.weight.abs().sum())
+        return out
+
+    positions = 10  # sampled output positions per image for the fitness
+
+    def _search(self, unit, x, k, g):
+        c = unit.conv1.out_channels
+        z, _ = _contributions(unit, x, self.positions, g)  # (C, N*out)
+        scale = (unit.bn2.weight / (unit.bn2.running_var + unit.bn2.eps).sqrt()).detach()
+        z = (z.view(c, -1, len(scale)) * scale).reshape(c, -1).double()
+        gram = z @ z.T  # error of dropping channel set d: d^T G d (bn2 is affine in eval mode)
+
+        def error(m):
+            d = (1 - m).double()
+            return float(d @ gram @ d)
+
+        def random_mask():
+            m = torch.zeros(c)
+            m[torch.randperm(c, generator=g)[:k]] = 1
+            return m
+
+        def repair(m):  # exactly k channels
+            on, off = m.nonzero().squeeze(1), (m == 0).nonzero().squeeze(1)
+            if len(on) > k:
+                m[on[torch.randperm(len(on), generator=g)[:len(on) - k]]] = 0
+            elif len(on) < k:
+                m[off[torch.randperm(len(off), generator=g)[:k - len(on)]]] = 1
+            return m
+
+        l1 = unit.conv1.weight.detach().abs().sum((1, 2, 3))
+        seed = torch.zeros(c)
+        seed[l1.topk(k).indices] = 1
+        pop = [seed] + [random_mask() for _ in range(self.population - 1)]
+        for _ in range(self.generations):
+            fitness = torch.tensor([-error(m) for m in pop])
+            order = fitness.argsort(descending=True)
+            parents = [pop[i] for i in order[: self.population // 2]]
+            children = []
+            while len(parents) + len(children) < self.population:
+                i, j = torch.randint(0, len(parents), (2,), generator=g).tolist()
+                cross = torch.rand(c, generator=g) < 0.5
+                child = repair(torch.where(cross, parents[i], parents[j]).clone())
+                if torch.rand(1, generator=g).item() < self.mutation and 0 < k < c:
+                    on, off = child.nonzero().squeeze(1), (child == 0).nonzero().squeeze(1)
+                    child[on[torch.randint(0, len(on), (1,), generator=g)]] = 0
+                    child[off[torch.randint(0, len(off), (1,), generator=g)]] = 1
+                children.append(child)
+            pop = parents + children
+        fitness = torch.tensor([-error(m) for m in pop])
+        return pop[int(fitness.argmax())].nonzero().squeeze(1)
