@@ -15,7 +15,6 @@ def skipserve(*args, env_cache, check=True):
     return out
 
 
-@pytest.mark.slow
 def test_train_label_gate_finetune_eval(image_dir, tmp_path):
     cache = tmp_path / "cache"
     common = ["--data", image_dir, "--val-fraction", "0.25"]
@@ -54,3 +53,31 @@ def test_stage_commands_fail_clearly_on_bad_input(image_dir, tmp_path):
     assert out.returncode == 2 and "budget must be in (0, 1], got 1.5" in out.stderr
     out = skipserve("pipeline", "--config", tmp_path / "missing.yaml", env_cache=cache, check=False)
     assert out.returncode == 2 and "no such recipe file" in out.stderr
+
+
+def test_prune_then_gate_the_pruned_backbone(image_dir, tmp_path):
+    cache = tmp_path / "cache"
+    s1 = skipserve("train-backbone", "--arch", "resnet20", "--data", image_dir, "--epochs", "1",
+                   "--set", "val_fraction=0.25", "--set", "batch_size=16", "--run-dir", tmp_path / "s1",
+                   env_cache=cache).stdout.strip().splitlines()[-1]
+    report = json.loads(skipserve("prune", "--method", "l1", "--ratio", "0.5", "--checkpoint", s1, "--data", image_dir,
+                                  "--out", tmp_path / "pruned.safetensors", "--finetune-epochs", "1",
+                                  env_cache=cache).stdout)
+    assert report["flops_ratio"] == pytest.approx(0.5, abs=0.03) and "top1_after_finetune" in report
+    common = ["--data", image_dir, "--val-fraction", "0.25"]
+    skipserve("label", "--checkpoint", tmp_path / "pruned.safetensors", "--out", tmp_path / "l.safetensors", *common,
+              env_cache=cache)
+    skipserve("train-gate", "--checkpoint", tmp_path / "pruned.safetensors", "--labels", tmp_path / "l.safetensors",
+              "--epochs", "1", "--budget", "0.6", "--out", tmp_path / "g.safetensors", "--run-dir", tmp_path / "g",
+              *common, env_cache=cache)
+    result = json.loads(skipserve("eval", "--checkpoint", tmp_path / "g.safetensors", "--data", image_dir,
+                                  "--json", env_cache=cache).stdout)
+    from gating.model import GatedModel
+    unpruned = GatedModel.load(s1).flops.full
+    gated = GatedModel.load(tmp_path / "g.safetensors")
+    product = result["flops_ratio"] * gated.flops.full / unpruned  # executed / unpruned full
+    assert product == pytest.approx(0.5 * result["flops_ratio"], abs=0.03)
+    assert product < 0.5 * 0.6 + gated.gate_flops / unpruned + 1e-6
+    bad = skipserve("prune", "--method", "l1", "--ratio", "1.2", "--checkpoint", s1, "--out", tmp_path / "x",
+                    env_cache=cache, check=False)
+    assert bad.returncode == 2 and "--ratio must be in (0, 1), got 1.2" in bad.stderr

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +141,7 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
                   "val_top1": val_top1, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         run.log(record)
         tqdm.write(f"S1 epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} "
-                   f"val top-1 {val_top1:.4f} ({record['seconds']:.0f}s)")
+                   f"val top-1 {val_top1:.4f} ({record['seconds']:.0f}s)", file=sys.stderr)
         run.save_state({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1})
 
     model = model.to(memory_format=torch.contiguous_format).cpu()
