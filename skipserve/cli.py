@@ -271,7 +271,7 @@ def _add_stages(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_pipeline)
 
     p = sub.add_parser("prune", help="static pruning of a backbone: channel methods or magnitude (CSR)")
-    p.add_argument("--method", required=True, help="l1, slimming, lasso, genetic, hrank, or magnitude")
+    p.add_argument("--method", required=True, help="l1, slimming, ista, lasso, genetic, hrank, or magnitude")
     p.add_argument("--ratio", type=float, required=True, help="fraction of backbone FLOPs to remove (magnitude: "
                                                                 "of weights), in (0, 1)")
     p.add_argument("--checkpoint", required=True, help="backbone checkpoint (S1) or shipped name")

@@ -159,3 +159,42 @@ def test_prune_command_refuses_bad_input_before_work(tmp_path):
         validate("l1", 0.5, tmp_path / "g.safetensors")
     with pytest.raises(ValueError, match="not a CIFAR ResNet"):
         validate("hrank", 0.5, tmp_path / "tv.safetensors")
+
+
+def test_ista_removal_absorbs_beta_of_zero_gamma_channels():
+    from training.pruning.ista import remove_zero_gamma
+
+    backbone = make_backbone("resnet20")
+    with torch.no_grad():
+        for unit in backbone.units:
+            c = unit.bn1.num_features
+            unit.bn1.weight[: c // 4] = 0  # selected gammas at zero
+            unit.bn1.bias[: c // 4] = torch.linspace(-0.5, 1.0, c // 4)  # some with relu(beta) > 0
+        x = backbone.unit_inputs(SAMPLE)[0]
+        before = [u.bn2(u.conv2(torch.relu(u.bn1(u.conv1(h))))) for u, h in zip(backbone.units, x)]
+        out_before = backbone(SAMPLE)
+    pruned = remove_zero_gamma(backbone)
+    assert pruned.spec.inner_widths == tuple(3 * u.bn1.num_features // 4 for u in backbone.units)
+    with torch.no_grad():
+        for u, h, ref in zip(pruned.units, x, before):
+            after = u.residual(h)
+            assert torch.allclose(after[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], atol=1e-4), "interior exact"
+        # with beta <= 0 the removed channels contribute nothing, so the whole network is unchanged
+        for unit in backbone.units:
+            unit.bn1.bias[: unit.bn1.num_features // 4] = -0.3
+        out_before = backbone(SAMPLE)
+        assert torch.allclose(remove_zero_gamma(backbone)(SAMPLE), out_before, atol=1e-4)
+
+
+def test_ista_training_drives_whole_channels_to_exactly_zero():
+    from training.data import ImageSet
+    from training.pruning.ista import IstaConfig, ista_train
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8),
+                    torch.randint(0, 10, (64,), generator=g), [str(i) for i in range(10)])
+    backbone = make_backbone("resnet20").train()
+    total = sum(u.bn1.num_features for u in backbone.units)
+    ista_train(backbone, data, IstaConfig(rho=4.0, epochs=2, batch_size=32, lr=0.05))
+    zeros = sum(int((u.bn1.weight == 0).sum()) for u in backbone.units)
+    assert 0 < zeros < total, "the proximal step yields exact zeros, not a dead network"

@@ -14,10 +14,11 @@ from gating.model import GatedModel
 from training.backbone import BackboneConfig, evaluate, load_split, train_backbone
 from training.data import normalize
 from training.pruning.criteria import CRITERIA
+from training.pruning.ista import IstaConfig, ista_train, remove_zero_gamma
 from training.pruning.magnitude import magnitude_prune
 from training.pruning.pruner import ChannelPruner
 
-METHODS = CRITERIA.names() + ["magnitude"]
+METHODS = CRITERIA.names() + ["ista", "magnitude"]
 
 
 def validate(method: str, ratio: float, checkpoint: str) -> None:
@@ -55,6 +56,11 @@ def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out:
                       dense_numbers=result["dense_numbers"],
                       note="unstructured sparsity: smaller in CSR storage, not faster with dense kernels")
         pruned = backbone
+    elif method == "ista":  # ISTA-train gamma, then drop the smallest |gamma| (the zeros first) to meet the ratio
+        backbone = ista_train(backbone.train(), train, IstaConfig(seed=seed))
+        keep = ChannelPruner(CRITERIA.get("slimming")(), ratio).select(backbone, None)
+        pruned = remove_zero_gamma(backbone, keep)
+        report["zero_gamma_channels"] = sum(int((u.bn1.weight == 0).sum()) for u in backbone.units)
     else:
         pruned = ChannelPruner(CRITERIA.get(method)(), ratio).prune(backbone, x)
     report["seconds"] = time.perf_counter() - t0
