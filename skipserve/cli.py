@@ -191,6 +191,26 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_prune(args: argparse.Namespace) -> int:
+    from benchmarks.prune import PruneBenchConfig, run
+
+    cfg = PruneBenchConfig(checkpoint=args.checkpoint, data=args.data, ratio=args.ratio,
+                           finetune_epochs=args.finetune_epochs, threads=args.threads)
+    if args.methods:
+        cfg.methods = tuple(args.methods.split(","))
+    if args.quick:
+        cfg.repeats_b1, cfg.repeats_b64 = 5, 2
+    result = run(cfg)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for r in result["results"]:
+            print(f"{r['method']:>14} FLOPs {r['flops_ratio']:.3f} top-1 {r['top1_before_finetune']:.4f} "
+                  f"-> {r.get('top1_after_finetune', float('nan')):.4f}  b1 x{r.get('speedup_b1', float('nan')):.2f} "
+                  f"b64 x{r.get('speedup_b64', float('nan')):.2f}  {r['seconds']:.1f}s")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from gating.zoo import resolve_checkpoint
 
@@ -315,6 +335,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     labels.add_argument("--threads", type=int, default=2)
     labels.add_argument("--json", action="store_true")
     labels.set_defaults(func=_bench_labels)
+    prune = bsub.add_parser("prune", help="every static pruner at one ratio, plus Torch-Pruning")
+    prune.add_argument("--checkpoint", default="default-backbone", help="unpruned backbone (default: default-backbone)")
+    prune.add_argument("--data", default=DEFAULT_DATA)
+    prune.add_argument("--ratio", type=float, default=0.5, help="fraction of FLOPs to remove (default: 0.5)")
+    prune.add_argument("--finetune-epochs", type=int, default=0)
+    prune.add_argument("--methods", help="comma-separated subset (default: all, and torch-pruning)")
+    prune.add_argument("--threads", type=int, default=2)
+    prune.add_argument("--quick", action="store_true", help="fewer timing repetitions")
+    prune.add_argument("--json", action="store_true")
+    prune.set_defaults(func=_bench_prune)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,6 +78,17 @@ def test_prune_then_gate_the_pruned_backbone(image_dir, tmp_path):
     product = result["flops_ratio"] * gated.flops.full / unpruned  # executed / unpruned full
     assert product == pytest.approx(0.5 * result["flops_ratio"], abs=0.03)
     assert product < 0.5 * 0.6 + gated.gate_flops / unpruned + 1e-6
+    bench = json.loads(skipserve("bench", "prune", "--checkpoint", s1, "--data", image_dir, "--methods",
+                                 "l1,magnitude,torch-pruning", "--quick", "--finetune-epochs", "1", "--json",
+                                 env_cache=cache).stdout)
+    by = {r["method"]: r for r in bench["results"]}
+    assert set(by) == {"l1", "magnitude", "torch-pruning"}
+    for method, tolerance in (("l1", 0.03), ("torch-pruning", 0.05)):  # Torch-Pruning rounds its own way
+        r = by[method]
+        assert r["flops_ratio"] == pytest.approx(0.5, abs=tolerance) and r["params"] < bench["unpruned"]["params"]
+        assert r["speedup_b1"] > 0 and r["speedup_b64"] > 0 and 0 <= r["top1_after_finetune"] <= 1
+    assert by["magnitude"]["sparsity"] == pytest.approx(0.5, abs=0.01) and "speedup_b64" not in by["magnitude"]
+    assert by["magnitude"]["csr_numbers"] < 2 * by["magnitude"]["dense_numbers"]
     bad = skipserve("prune", "--method", "l1", "--ratio", "1.2", "--checkpoint", s1, "--out", tmp_path / "x",
                     env_cache=cache, check=False)
     assert bad.returncode == 2 and "--ratio must be in (0, 1), got 1.2" in bad.stderr

@@ -1,7 +1,7 @@
 """``skipserve prune``: one method, one ratio, a checkpoint in, a thinner checkpoint out."""
 from __future__ import annotations
 
-import json
+import copy
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -10,9 +10,10 @@ from typing import Optional
 import torch
 
 from gating.checkpoint import CheckpointError, load_tensors
+from gating.backbones import ResidualBackbone
 from gating.model import GatedModel
 from training.backbone import BackboneConfig, evaluate, load_split, train_backbone
-from training.data import normalize
+from training.data import ImageSet, normalize
 from training.pruning.criteria import CRITERIA
 from training.pruning.ista import IstaConfig, ista_train, remove_zero_gamma
 from training.pruning.magnitude import magnitude_prune
@@ -35,49 +36,59 @@ def validate(method: str, ratio: float, checkpoint: str) -> None:
         raise CheckpointError(checkpoint, f"architecture {card.arch['name']} is not a CIFAR ResNet")
 
 
-def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out: str, *,
-                     finetune_epochs: int = 0, sample_images: int = 256, seed: int = 0,
-                     run_dir: Optional[str] = None) -> dict:
-    validate(method, ratio, checkpoint)
-    model = GatedModel.load(checkpoint)
-    s1 = model.card.info.get("config") or {}
-    cfg = BackboneConfig(data=data, val_fraction=float(s1.get("val_fraction", 0.1)),
-                         split_seed=int(s1.get("split_seed", 0)))
-    train, val = load_split(cfg)
+def prune_backbone(method: str, ratio: float, backbone: ResidualBackbone, train: ImageSet, *,
+                   sample_images: int = 256, seed: int = 0) -> tuple[ResidualBackbone, dict]:
+    """Prune a copy of ``backbone``; returns it and what the method reports (magnitude: sparsity, CSR size)."""
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(train), generator=g)[:sample_images]
     x, y = normalize(train.images[pick]), train.labels[pick]
-    t0 = time.perf_counter()
-    backbone = model.backbone.eval()
-    report: dict = {"method": method, "ratio": ratio}
+    backbone = copy.deepcopy(backbone).eval()
+    report: dict = {}
     if method == "magnitude":
         result = magnitude_prune(backbone, ratio, x, y)
         report.update(sparsity=result["sparsity"], csr_numbers=result["csr_numbers"],
                       dense_numbers=result["dense_numbers"],
                       note="unstructured sparsity: smaller in CSR storage, not faster with dense kernels")
-        pruned = backbone
-    elif method == "ista":  # ISTA-train gamma, then drop the smallest |gamma| (the zeros first) to meet the ratio
+        return backbone, report
+    if method == "ista":  # ISTA-train gamma, then drop the smallest |gamma| (the zeros first) to meet the ratio
         backbone = ista_train(backbone.train(), train, IstaConfig(seed=seed))
         keep = ChannelPruner(CRITERIA.get("slimming")(), ratio).select(backbone, None)
-        pruned = remove_zero_gamma(backbone, keep)
         report["zero_gamma_channels"] = sum(int((u.bn1.weight == 0).sum()) for u in backbone.units)
-    else:
-        pruned = ChannelPruner(CRITERIA.get(method)(), ratio).prune(backbone, x)
-    report["seconds"] = time.perf_counter() - t0
-    report["top1_before_finetune"] = evaluate(pruned, val)
-    result_model = GatedModel(pruned, card=replace(model.card, info={**model.card.info, "pruned": report}))
-    result_model.save(out)
+        return remove_zero_gamma(backbone, keep), report
+    return ChannelPruner(CRITERIA.get(method)(), ratio).prune(backbone, x), report
+
+
+def finetune_pruned(model: GatedModel, cfg: BackboneConfig, epochs: int, out: str, run_dir: str,
+                    seed: int = 0) -> GatedModel:
+    """Train a pruned backbone from its weights for a few epochs (cosine from lr 0.02)."""
+    model.save(out)
+    ft = replace(cfg, init=str(out), epochs=epochs, lr=0.02, warmup_epochs=0.0, seed=seed)
+    return GatedModel.load(train_backbone(ft, run_dir))
+
+
+def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out: str, *,
+                     finetune_epochs: int = 0, sample_images: int = 256, seed: int = 0,
+                     run_dir: Optional[str] = None) -> dict:
+    validate(method, ratio, checkpoint)
+    if finetune_epochs and method == "magnitude":
+        raise ValueError("magnitude: masked retraining is not wired into finetuning yet; use --finetune-epochs 0")
+    model = GatedModel.load(checkpoint)
+    s1 = model.card.info.get("config") or {}
+    cfg = BackboneConfig(data=data, val_fraction=float(s1.get("val_fraction", 0.1)),
+                         split_seed=int(s1.get("split_seed", 0)))
+    train, val = load_split(cfg)
+    t0 = time.perf_counter()
+    pruned, report = prune_backbone(method, ratio, model.backbone, train, sample_images=sample_images, seed=seed)
+    report = {"method": method, "ratio": ratio, **report, "seconds": time.perf_counter() - t0,
+              "top1_before_finetune": evaluate(pruned, val)}
+    result = GatedModel(pruned, card=replace(model.card, info={**model.card.info, "pruned": report}))
     if finetune_epochs:
-        if method == "magnitude":
-            raise ValueError("magnitude: masked retraining is not wired into finetuning yet; use --finetune-epochs 0")
-        ft = replace(cfg, init=str(out), epochs=finetune_epochs, lr=0.02, warmup_epochs=0.0, seed=seed,
-                     data=data)
-        tuned = train_backbone(ft, run_dir or str(Path(out).with_suffix("")) + "-finetune")
-        tuned_model = GatedModel.load(tuned)
-        report["top1_after_finetune"] = evaluate(tuned_model.backbone, val)
-        tuned_model.card.info = {**tuned_model.card.info, "pruned": report}
-        tuned_model.save(out)
+        result = finetune_pruned(result, cfg, finetune_epochs, out,
+                                 run_dir or str(Path(out).with_suffix("")) + "-finetune", seed)
+        report["top1_after_finetune"] = evaluate(result.backbone, val)
+        result.card.info = {**result.card.info, "pruned": report}
+    result.save(out)
     report["params"] = sum(p.numel() for p in pruned.parameters())
-    report["flops"] = GatedModel(pruned).flops.full
+    report["flops"] = result.flops.full
     report["flops_ratio"] = report["flops"] / model.flops.full
     return report
