@@ -11,6 +11,17 @@ from typing import Callable
 import torch
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict:
     commit = "unknown"
     try:
@@ -18,7 +29,7 @@ def machine_info() -> dict:
                                 cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or commit
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "commit": commit}
 
