@@ -20,7 +20,7 @@ from gating.fuse import fuse_bn
 from gating.model import GatedModel
 from gating.zoo import resolve_checkpoint
 from training.backbone import BackboneConfig, evaluate, load_split
-from training.pruning.run import METHODS, finetune_pruned, prune_backbone, validate
+from training.pruning.run import METHODS, finetune_pruned, iterative_magnitude, prune_backbone, validate
 
 
 @dataclass
@@ -97,7 +97,13 @@ def run(cfg: PruneBenchConfig) -> dict:
                      "seconds": round(seconds, 2), "top1_before_finetune": evaluate(pruned, val), **extra}
             if method != "magnitude":
                 entry.update(_speedups(base, pruned, cfg))
-            if cfg.finetune_epochs and method != "magnitude":
+            if cfg.finetune_epochs and method == "magnitude":
+                tuned, final = iterative_magnitude(model, cfg.ratio, train, data_cfg, cfg.finetune_epochs,
+                                                   str(Path(tmp) / "magnitude.safetensors"),
+                                                   str(Path(tmp) / "magnitude-ft"), seed=cfg.seed)
+                entry.update(sparsity=final["sparsity"], csr_numbers=final["csr_numbers"],
+                             top1_after_finetune=evaluate(tuned.backbone, val))
+            elif cfg.finetune_epochs:
                 tuned = finetune_pruned(pruned_model, replace(data_cfg, channels_last=True), cfg.finetune_epochs,
                                         str(Path(tmp) / f"{method}.safetensors"), str(Path(tmp) / f"{method}-ft"),
                                         cfg.seed)

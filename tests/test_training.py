@@ -225,3 +225,22 @@ def test_missing_recipe_and_missing_data(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
     with pytest.raises(DataError, match="no such file"):
         run_pipeline(_recipe(tmp_path, tmp_path / "no-data"), tmp_path / "run")
+
+
+def test_magnitude_retraining_holds_the_zeros(image_dir, tmp_path):
+    from training.pruning.run import prune_checkpoint
+
+    from dataclasses import replace
+
+    s1 = train_backbone(replace(_tiny_s1(image_dir), epochs=1), tmp_path / "s1")
+    report = prune_checkpoint("magnitude", 0.6, str(s1), str(image_dir), str(tmp_path / "m.safetensors"),
+                              finetune_epochs=3, sample_images=32)
+    assert report["retrain_steps"] == 3 and "top1_after_finetune" in report
+    pruned = GatedModel.load(tmp_path / "m.safetensors").backbone
+    weights = [p for p in pruned.parameters() if p.ndim > 1]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(0.6, abs=0.02), "retraining kept the pruned weights at zero"
+    original = GatedModel.load(s1).backbone
+    assert not torch.equal(pruned.units[0].conv1.weight, original.units[0].conv1.weight), "the rest was retrained"
+    with pytest.raises(ValueError, match="keep_zeros needs init"):
+        train_backbone(_tiny_s1(image_dir, keep_zeros=True), tmp_path / "bad")

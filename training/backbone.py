@@ -42,6 +42,7 @@ class BackboneConfig:
     device: str = "auto"  # "auto" = the accelerator when present
     channels_last: bool = True  # faster convolutions on CPU and GPU
     init: Optional[str] = None  # start from this checkpoint's backbone (e.g. a pruned one); arch comes from it
+    keep_zeros: bool = False  # with init: weights exactly zero there stay zero (magnitude-pruned retraining)
 
 
 def lr_at(cfg: BackboneConfig, step: int, steps_per_epoch: int) -> float:
@@ -98,6 +99,10 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
         model = build_backbone(ArchSpec(cfg.arch, num_classes=len(train.classes))).to(device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
+    if cfg.keep_zeros and not cfg.init:
+        raise ValueError("keep_zeros needs init: the checkpoint whose zero weights stay zero")
+    # from the init weights, before any resume: the same masks whatever epoch we restart at
+    masks = {n: p != 0 for n, p in model.named_parameters() if p.ndim > 1} if cfg.keep_zeros else {}
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -132,6 +137,11 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
             if cfg.bn_l1:
                 bn_l1_subgradient(model, cfg.bn_l1)
             opt.step()
+            if masks:
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if n in masks:
+                            p.mul_(masks[n])
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == y).sum().item()

@@ -59,19 +59,31 @@ def prune_backbone(method: str, ratio: float, backbone: ResidualBackbone, train:
 
 
 def finetune_pruned(model: GatedModel, cfg: BackboneConfig, epochs: int, out: str, run_dir: str,
-                    seed: int = 0) -> GatedModel:
+                    seed: int = 0, keep_zeros: bool = False) -> GatedModel:
     """Train a pruned backbone from its weights for a few epochs (cosine from lr 0.02)."""
     model.save(out)
-    ft = replace(cfg, init=str(out), epochs=epochs, lr=0.02, warmup_epochs=0.0, seed=seed)
+    ft = replace(cfg, init=str(out), epochs=epochs, lr=0.02, warmup_epochs=0.0, seed=seed, keep_zeros=keep_zeros)
     return GatedModel.load(train_backbone(ft, run_dir))
+
+
+def iterative_magnitude(model: GatedModel, ratio: float, train: ImageSet, cfg: BackboneConfig, epochs: int,
+                        out: str, run_dir: str, *, steps: int = 3, seed: int = 0) -> tuple[GatedModel, dict]:
+    """Han et al.: prune to ratio * k / steps, retrain with the zeros held, for k = 1..steps."""
+    steps = max(1, min(steps, epochs))
+    report: dict = {}
+    for k in range(1, steps + 1):
+        pruned, report = prune_backbone("magnitude", ratio * k / steps, model.backbone, train, seed=seed)
+        model = GatedModel(pruned, card=model.card)
+        share = epochs // steps + (1 if k <= epochs % steps else 0)
+        model = finetune_pruned(model, cfg, share, out, f"{run_dir}/step{k}", seed, keep_zeros=True)
+    report["retrain_steps"] = steps
+    return model, report
 
 
 def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out: str, *,
                      finetune_epochs: int = 0, sample_images: int = 256, seed: int = 0,
                      run_dir: Optional[str] = None) -> dict:
     validate(method, ratio, checkpoint)
-    if finetune_epochs and method == "magnitude":
-        raise ValueError("magnitude: masked retraining is not wired into finetuning yet; use --finetune-epochs 0")
     model = GatedModel.load(checkpoint)
     s1 = model.card.info.get("config") or {}
     cfg = BackboneConfig(data=data, val_fraction=float(s1.get("val_fraction", 0.1)),
@@ -82,9 +94,13 @@ def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out:
     report = {"method": method, "ratio": ratio, **report, "seconds": time.perf_counter() - t0,
               "top1_before_finetune": evaluate(pruned, val)}
     result = GatedModel(pruned, card=replace(model.card, info={**model.card.info, "pruned": report}))
-    if finetune_epochs:
-        result = finetune_pruned(result, cfg, finetune_epochs, out,
-                                 run_dir or str(Path(out).with_suffix("")) + "-finetune", seed)
+    run_dir = run_dir or str(Path(out).with_suffix("")) + "-finetune"
+    if finetune_epochs and method == "magnitude":
+        result, report_final = iterative_magnitude(model, ratio, train, cfg, finetune_epochs, out, run_dir, seed=seed)
+        report.update(report_final, top1_after_finetune=evaluate(result.backbone, val))
+        result.card.info = {**result.card.info, "pruned": report}
+    elif finetune_epochs:
+        result = finetune_pruned(result, cfg, finetune_epochs, out, run_dir, seed)
         report["top1_after_finetune"] = evaluate(result.backbone, val)
         result.card.info = {**result.card.info, "pruned": report}
     result.save(out)
