@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from gating.checkpoint import atomic_write
+from gating.preprocess import normalize as _normalize
+from gating.preprocess import resize_uint8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -73,10 +75,7 @@ def _decode(name: str, data: bytes, size: tuple[int, int] | None) -> torch.Tenso
         img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as err:
         raise DataError(f"{name}: cannot decode image ({err})") from err
-    if size is not None and tuple(img.shape[1:]) != size:
-        img = F.interpolate(img[None].float(), size=size, mode="bilinear", antialias=True,
-                            align_corners=False).round().clamp(0, 255).to(torch.uint8)[0]
-    return img
+    return img if size is None else resize_uint8(img, size)
 
 
 def _fingerprint(source: Path) -> str:
@@ -176,10 +175,8 @@ def augment(images: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Ten
 
 
 def normalize(images: torch.Tensor, mean=CIFAR_MEAN, std=CIFAR_STD) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32 normalised."""
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    return (images.float().div_(255) - m) / s
+    """uint8 (B, 3, H, W) -> float32 normalised (CIFAR statistics unless given)."""
+    return _normalize(images, mean, std)
 
 
 def batches(n: int, batch_size: int, *, g: torch.Generator | None = None,

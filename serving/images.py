@@ -1,0 +1,106 @@
+"""Request images -> model input, with limits enforced before any decoding work.
+
+The declared width and height are read from the file header (PNG IHDR, JPEG SOF, WebP
+VP8/VP8L/VP8X) and checked against ``max_pixels`` before the decoder sees the bytes, so
+a tiny file declaring 20000 x 20000 pixels (a decompression bomb) is refused at once.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from gating.preprocess import resize_uint8
+
+
+class RequestError(ValueError):
+    """A request the server refuses: ``status`` is the HTTP code, the message says what was wrong."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 8 * 1024 * 1024  # whole request body
+    max_pixels: int = 4096 * 4096  # per image, as declared in its header
+    max_images: int = 64  # images (N) in one request
+    max_tensor_elements: int = 64 * 3 * 256 * 256  # numbers in one JSON tensor
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        raise RequestError("PNG without a valid IHDR header (truncated?)")
+    w, h = struct.unpack(">II", data[16:24])
+    return w, h
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            raise RequestError("JPEG with a corrupt marker sequence")
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        (length,) = struct.unpack(">H", data[i + 2:i + 4])
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > len(data):
+                break
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return w, h
+        i += 2 + length
+    raise RequestError("JPEG without a frame header (truncated?)")
+
+
+def _webp_size(data: bytes) -> tuple[int, int]:
+    chunk = data[12:16]
+    if chunk == b"VP8 " and len(data) >= 30:
+        w, h = struct.unpack("<HH", data[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    raise RequestError("WebP without a valid VP8/VP8L/VP8X header (truncated?)")
+
+
+def declared_size(data: bytes) -> tuple[str, int, int]:
+    """(format, width, height) from the header alone; RequestError for anything else."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return ("png", *_png_size(data))
+    if data[:3] == b"\xff\xd8\xff":
+        return ("jpeg", *_jpeg_size(data))
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ("webp", *_webp_size(data))
+    raise RequestError("not a JPEG, PNG or WebP image (unrecognised file signature)", status=415)
+
+
+def decode_image_bytes(data: bytes, limits: Limits, size: tuple[int, int]) -> torch.Tensor:
+    """Encoded image -> (3, H, W) uint8 RGB at the model's ``size``."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    if not data:
+        raise RequestError("empty image body")
+    if len(data) > limits.max_body_bytes:
+        raise RequestError(f"image of {len(data)} bytes exceeds the limit of {limits.max_body_bytes}", status=413)
+    kind, w, h = declared_size(data)
+    if w == 0 or h == 0:
+        raise RequestError(f"{kind} declares an empty {w}x{h} image")
+    if w * h > limits.max_pixels:
+        raise RequestError(f"{kind} declares {w}x{h} pixels, over the limit of {limits.max_pixels}", status=413)
+    try:
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as err:
+        raise RequestError(f"cannot decode {kind} image: {str(err).splitlines()[0]}") from None
+    if img.dtype == torch.uint16:  # 16-bit PNG
+        img = (img.to(torch.int32) >> 8).to(torch.uint8)
+    if img.dim() == 4:  # an animated image: its first frame
+        img = img[0]
+    if tuple(img.shape[-2:]) != (h, w):
+        raise RequestError(f"{kind} decoded to {tuple(img.shape[-2:])}, not the declared {h}x{w}")
+    return resize_uint8(img, size)
