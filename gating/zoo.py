@@ -23,7 +23,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
         if not path.exists():
             raise CheckpointError(path, f"the shipped model {key!r} ({SHIPPED[key][1]}) is not in this "
                                         "installation yet: no trained default model exists. Train one with "
-                                        "`skipserve pipeline --config recipes/default.yaml`, or pass "
+                                        "`skipserve pipeline --config training/recipes/default.yaml`, or pass "
                                         "--checkpoint PATH")
         return path
     path = Path(key)
