@@ -213,14 +213,11 @@ def _bench_prune(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from gating.zoo import resolve_checkpoint
+    from serving.launch import serve_main
 
-    path = resolve_checkpoint(args.checkpoint)  # a clear error when no trained model exists
-    try:
-        from serving.app import serve_main
-    except ImportError:
-        print(f"skipserve serve: the HTTP server is not built yet; {path} can be evaluated with "
-              "`skipserve bench` and the Python API meanwhile", file=sys.stderr)
-        return 2
+    if args.replicas < 1 or args.max_batch_size < 1 or args.batch_wait_ms < 0:
+        raise ValueError("--replicas and --max-batch-size must be >= 1, --batch-wait-ms >= 0")
+    path = resolve_checkpoint(args.checkpoint)  # a clear error before Ray starts
     return serve_main(args, path)
 
 
@@ -314,8 +311,19 @@ def _add_stages(sub: argparse._SubParsersAction) -> None:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a gated model over HTTP (Ray Serve)")
     p.add_argument("--checkpoint", default="default", help="checkpoint path or shipped name (default: default)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1, help="model replicas (default: 1)")
+    p.add_argument("--num-cpus", type=float, help="CPUs reserved per replica (default: cores / replicas)")
+    p.add_argument("--threads", type=int, help="torch threads per replica (default: its CPUs)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="images per batch (default: 32)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default: 5)")
+    p.add_argument("--max-queued-images", type=int, default=256,
+                   help="per replica; beyond it requests get 503 at once (default: 256)")
+    p.add_argument("--model-name", help="name in the v2 routes and metrics (default: from the checkpoint)")
+    p.add_argument("--address", help="an existing Ray cluster (default: start a local Ray instance)")
+    p.add_argument("--metrics-port", type=int, default=8080,
+                   help="Ray's Prometheus metrics port for a local instance (default: 8080)")
     p.set_defaults(func=_serve)
 
 

@@ -1,0 +1,384 @@
+"""The Ray Serve application: one deployment that owns a gated model and speaks HTTP (FastAPI).
+
+Routes (OpenAPI schema at /openapi.json, docs at /docs):
+    POST /v1/predict                    one image (raw body or multipart file) -> label, scores, savings
+    GET  /v2, /v2/health/live|ready     Open Inference Protocol (KServe v2) server endpoints
+    GET  /v2/models/{name}[/ready]      model metadata and readiness
+    POST /v2/models/{name}/infer        JSON tensors in, ``probabilities`` and ``units_executed`` out
+
+``build_app(args)`` is the application builder that ``skipserve serve`` and
+``serve run deploy/serve_config.yaml`` both use.
+"""
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+import torch
+from fastapi import FastAPI, Query, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.images import Limits, RequestError, decode_image_bytes
+from serving.v2 import parse_infer_request
+
+logger = logging.getLogger("ray.serve")
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "application/octet-stream")
+OUTPUTS = ("probabilities", "units_executed")
+
+
+@dataclass
+class ServerSettings:
+    """What a replica loads and how it batches; every field can come from the serve config's ``args``."""
+
+    checkpoint: str = "default"  # shipped name or checkpoint path, resolved on the replica
+    model_name: str = ""  # name in the v2 routes and metrics; "" = derived from the checkpoint
+    threads: int = 0  # torch threads per replica; 0 = the replica's num_cpus
+    max_batch_size: int = 32  # images per executed batch
+    batch_wait_ms: float = 5.0  # how long a batch waits to fill
+    max_queued_images: int = 256  # images waiting in one replica beyond which requests get 503 at once
+    limits: Limits = field(default_factory=Limits)  # request size limits
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> "ServerSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - known - {f.name for f in fields(Limits)})
+        if unknown:
+            raise ValueError(f"unknown application args {unknown}; known: {sorted(known)} and limits "
+                             f"{[f.name for f in fields(Limits)]}")
+        limits = Limits(**{k: int(v) for k, v in args.items() if k in {f.name for f in fields(Limits)}})
+        values = {k: v for k, v in args.items() if k in known and k != "limits"}
+        s = cls(**values, limits=limits)
+        s.threads, s.max_batch_size, s.max_queued_images = int(s.threads), int(s.max_batch_size), \
+            int(s.max_queued_images)
+        s.batch_wait_ms = float(s.batch_wait_ms)
+        if s.max_batch_size < 1 or s.batch_wait_ms < 0 or s.max_queued_images < 1:
+            raise ValueError("max_batch_size and max_queued_images must be >= 1, batch_wait_ms >= 0")
+        if not s.model_name:
+            s.model_name = model_name_for(s.checkpoint)
+        return s
+
+
+def model_name_for(checkpoint: str) -> str:
+    from gating.zoo import SHIPPED
+
+    return checkpoint if checkpoint in SHIPPED else os.path.splitext(os.path.basename(checkpoint))[0]
+
+
+def _images_in(items: list) -> int:
+    return sum(r.images.shape[0] for r in items)
+
+
+api = FastAPI(title="skipserve", description="Gated residual networks that really skip units, over HTTP.",
+              version="0.1.0")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: HTTPRequest, err: RequestError) -> JSONResponse:
+    return _error(err.status, str(err))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: HTTPRequest, err: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+    return _error(400, f"invalid request: {problems}")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: HTTPRequest, err: StarletteHTTPException) -> JSONResponse:
+    return _error(err.status_code, str(err.detail))
+
+
+async def read_body(request: HTTPRequest, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError("invalid Content-Length header")
+        if int(declared) > limit:
+            raise RequestError(f"body of {declared} bytes exceeds the limit of {limit}", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"body exceeds the limit of {limit} bytes", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def image_from_request(request: HTTPRequest, body: bytes) -> bytes:
+    """The encoded image of a /v1/predict request: the raw body, or the one file of a multipart form."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        async def replay() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await HTTPRequest(request.scope, replay).form(max_files=1, max_fields=8)
+        except Exception as err:  # the multipart parser's errors are all "malformed form"
+            raise RequestError(f"malformed multipart form: {err}") from None
+        files = [v for v in form.values() if hasattr(v, "read")]
+        if len(files) != 1:
+            raise RequestError("multipart form must carry exactly one image file")
+        return await files[0].read()
+    if ctype and ctype not in IMAGE_TYPES:
+        raise RequestError(f"unsupported Content-Type {ctype!r}; send {', '.join(IMAGE_TYPES)} "
+                           "or multipart/form-data", status=415)
+    return body
+
+
+# Defined before the deployment class: Ray serialises the class, with the globals it sees, when it
+# is decorated.
+def _requested_outputs(payload: dict) -> list[str]:
+    outputs = payload.get("outputs")
+    if outputs is None:
+        return list(OUTPUTS)
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                                for o in outputs):
+        raise RequestError("'outputs' must be a list of objects with a 'name'")
+    names = [o["name"] for o in outputs]
+    unknown = sorted(set(names) - set(OUTPUTS))
+    if unknown:
+        raise RequestError(f"unknown output(s) {unknown}; this model has {list(OUTPUTS)}")
+    return names
+
+
+def _replica_cpus() -> int:
+    """CPUs Ray reserved for this replica (its ``num_cpus``), at least 1."""
+    import ray
+
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    except Exception:  # outside a Ray worker
+        cpus = 1
+    return max(1, int(cpus))
+
+
+@serve.deployment(name="GatedModelServer", max_ongoing_requests=256, max_queued_requests=512,
+                  health_check_period_s=5)
+@serve.ingress(api)
+class GatedModelServer:
+    def __init__(self, args: dict[str, Any]):
+        from gating.zoo import resolve_checkpoint
+        from serving.engine import Engine
+        from serving.metrics import ServeMetrics
+
+        self.settings = ServerSettings.from_args(args)
+        threads = self.settings.threads or _replica_cpus()
+        path = resolve_checkpoint(self.settings.checkpoint)
+        self.engine = Engine(path, threads=threads)
+        self.name = self.settings.model_name
+        self.metrics = ServeMetrics(self.name, self.engine.num_units)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skipserve-model")
+        self._queued = 0  # images accepted and not yet answered
+        self._apply_batching(self.settings.max_batch_size, self.settings.batch_wait_ms)
+        self._export_budget()
+        logger.info("skipserve: serving %s (%s) as %r, policy %s, %d units, %d torch threads", path,
+                    self.engine.model.card.arch.get("name"), self.name, self.engine.default_policy,
+                    self.engine.num_units, torch.get_num_threads())
+
+    # ------------------------------------------------------------------ live knobs
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """``user_config`` keys: ``policy`` and ``knob`` (served rule), ``max_batch_size``, ``batch_wait_ms``."""
+        cfg = dict(user_config or {})
+        if "policy" in cfg or "knob" in cfg:
+            from gating.policies import make_policy
+
+            name = cfg.pop("policy", None) or self.engine.default_policy.name
+            self.engine.default_policy = make_policy(name, cfg.pop("knob", None))
+            self._export_budget()
+        self._apply_batching(int(cfg.pop("max_batch_size", self.settings.max_batch_size)),
+                             float(cfg.pop("batch_wait_ms", self.settings.batch_wait_ms)))
+        if cfg:
+            raise ValueError(f"unknown user_config keys {sorted(cfg)}; "
+                             "known: policy, knob, max_batch_size, batch_wait_ms")
+
+    def _apply_batching(self, max_batch_size: int, batch_wait_ms: float) -> None:
+        self.settings.max_batch_size, self.settings.batch_wait_ms = max_batch_size, batch_wait_ms
+        self._infer.set_max_batch_size(max_batch_size)
+        self._infer.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+
+    def _export_budget(self) -> None:
+        p = self.engine.default_policy
+        self.metrics.budget.set(p.knob if p.name == "budget" else 1.0 if p.name == "full" else math.nan)
+
+    # ------------------------------------------------------------------ inference
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
+    async def _infer(self, requests: list) -> list:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._run_batch, requests)
+
+    def _run_batch(self, requests: list) -> list:
+        results = self.engine.run(requests)
+        keep = torch.cat([r.keep for r in results])  # (images, units)
+        flops = float(sum(r.flops.sum() for r in results))
+        self.metrics.batch(keep.shape[0], keep.sum(0).tolist(), flops, self.engine.full_flops * keep.shape[0])
+        return results
+
+    async def infer(self, images: torch.Tensor, policy) -> Any:
+        """Run (N, 3, H, W) images; large requests are split to fit the batcher, then rejoined."""
+        from serving.engine import Request, Result
+
+        n = images.shape[0]
+        if self._queued + n > self.settings.max_queued_images:
+            raise RequestError(f"overloaded: {self._queued} images queued in this replica (limit "
+                               f"{self.settings.max_queued_images}); retry later", status=503)
+        self._queued += n
+        try:
+            step = self.settings.max_batch_size
+            parts = await asyncio.gather(*(self._infer(Request(images[i:i + step], policy))
+                                           for i in range(0, n, step)))
+        finally:
+            self._queued -= n
+        return Result(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                        ("probabilities", "units_executed", "keep", "flops")))
+
+    async def _timed(self, route: str, request: HTTPRequest, handler) -> JSONResponse:
+        t0 = time.perf_counter()
+        try:
+            response = await handler(t0)
+        except RequestError as err:
+            response = _error(err.status, str(err))
+        except Exception:  # a bug, not the client's fault: logged, answered as JSON 500
+            logger.exception("skipserve: %s failed", route)
+            response = _error(500, "internal error")
+        self.metrics.request(route, response.status_code, time.perf_counter() - t0)
+        return response
+
+    # ------------------------------------------------------------------ routes
+    @api.post("/v1/predict", summary="Classify one image (raw body or multipart file)")
+    async def predict(self, request: HTTPRequest,
+                      top_k: int = Query(5, ge=1, description="how many classes to return"),
+                      budget: Optional[float] = Query(None, gt=0, le=1,
+                                                      description="fraction of backbone FLOPs, (0, 1]"),
+                      policy: Optional[str] = Query(None, description="full, greedy, threshold, softmax, budget"),
+                      alpha: Optional[float] = Query(None, description="the rule's knob")) -> JSONResponse:
+        async def handle(t0: float) -> JSONResponse:
+            rule = self.engine.policy_for(budget=budget, policy=policy, alpha=alpha)
+            body = await read_body(request, self.settings.limits.max_body_bytes)
+            data = await image_from_request(request, body)
+            pixels = await asyncio.to_thread(decode_image_bytes, data, self.settings.limits, self.engine.input_size)
+            out = await self.infer(self.engine.pixels_to_input(pixels[None]), rule)
+            probs = out.probabilities[0]
+            k = min(top_k, probs.numel())
+            top = probs.topk(k)
+            names = self.engine.class_names
+            return JSONResponse({
+                "label": names[int(top.indices[0])],
+                "index": int(top.indices[0]),
+                "scores": [{"label": names[int(i)], "index": int(i), "probability": float(p)}
+                           for p, i in zip(top.values, top.indices)],
+                "units_executed": int(out.units_executed[0]),
+                "units_total": self.engine.num_units,
+                "flops_ratio": float(out.flops[0]) / self.engine.full_flops,
+                "policy": rule.to_dict(),
+                "latency_ms": (time.perf_counter() - t0) * 1000,
+                "model": self.name,
+            })
+
+        return await self._timed("/v1/predict", request, handle)
+
+    @api.get("/v2", summary="Server metadata (Open Inference Protocol)")
+    async def server_metadata(self) -> dict:
+        return {"name": "skipserve", "version": api.version, "extensions": []}
+
+    @api.get("/v2/health/live", summary="Liveness")
+    async def live(self) -> dict:
+        return {"live": True}
+
+    @api.get("/v2/health/ready", summary="Readiness: the model is loaded")
+    async def ready(self) -> dict:
+        return {"ready": True}
+
+    def _check_model(self, name: str) -> None:
+        if name != self.name:
+            raise RequestError(f"unknown model {name!r}; this server serves {self.name!r}", status=404)
+
+    @api.get("/v2/models/{name}", summary="Model metadata")
+    async def model_metadata(self, name: str) -> JSONResponse:
+        try:
+            self._check_model(name)
+        except RequestError as err:
+            return _error(err.status, str(err))
+        h, w = self.engine.input_size
+        return JSONResponse({
+            "name": self.name, "versions": ["1"], "platform": "pytorch_skipserve",
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 3, h, w]},
+                       {"name": "input", "datatype": "UINT8", "shape": [-1, h, w, 3]},
+                       {"name": "input", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.engine.class_names)]},
+                        {"name": "units_executed", "datatype": "INT32", "shape": [-1]}],
+            "parameters": {"policy": self.engine.default_policy.to_dict(), "units": self.engine.num_units,
+                           "classes": self.engine.class_names},
+        })
+
+    @api.get("/v2/models/{name}/ready", summary="Model readiness")
+    async def model_ready(self, name: str) -> JSONResponse:
+        try:
+            self._check_model(name)
+        except RequestError as err:
+            return _error(err.status, str(err))
+        return JSONResponse({"name": self.name, "ready": True})
+
+    @api.post("/v2/models/{name}/infer", summary="Inference with JSON tensors (Open Inference Protocol)")
+    async def v2_infer(self, name: str, request: HTTPRequest) -> JSONResponse:
+        async def handle(t0: float) -> JSONResponse:
+            self._check_model(name)
+            body = await read_body(request, self.settings.limits.max_body_bytes)
+            try:
+                payload = json.loads(body)
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise RequestError(f"malformed JSON: {err}") from None
+            parsed = await asyncio.to_thread(parse_infer_request, payload, limits=self.settings.limits,
+                                             size=self.engine.input_size, mean=self.engine.mean,
+                                             std=self.engine.std)
+            wanted = _requested_outputs(payload)
+            rule = self.engine.policy_for(budget=parsed.budget, alpha=parsed.alpha)
+            out = await self.infer(parsed.images, rule)
+            n, c = out.probabilities.shape
+            tensors = {
+                "probabilities": {"name": "probabilities", "datatype": "FP32", "shape": [n, c],
+                                  "data": out.probabilities.flatten().tolist()},
+                "units_executed": {"name": "units_executed", "datatype": "INT32", "shape": [n],
+                                   "data": out.units_executed.tolist()},
+            }
+            response = {"model_name": self.name, "model_version": "1",
+                        "outputs": [tensors[o] for o in wanted],
+                        "parameters": {"flops_ratio": float(out.flops.mean()) / self.engine.full_flops,
+                                       "policy": json.dumps(rule.to_dict())}}
+            if parsed.request_id is not None:
+                response["id"] = parsed.request_id
+            return JSONResponse(response)
+
+        return await self._timed("/v2/models/infer", request, handle)
+
+
+def build_app(args: dict[str, Any], *, num_replicas: Optional[int] = None,
+              num_cpus: Optional[float] = None) -> serve.Application:
+    """Application builder: ``args`` are ``ServerSettings`` fields (and ``Limits`` fields).
+
+    ``serve run`` calls it with ``args`` alone and takes replicas and CPUs from the config's
+    ``deployments`` section; ``skipserve serve`` passes them from its flags.
+    """
+    settings = ServerSettings.from_args(dict(args))  # fail here, in the caller, on a bad config
+    options: dict[str, Any] = {}
+    if num_replicas is not None:
+        options["num_replicas"] = num_replicas
+    if num_cpus is not None:
+        options["ray_actor_options"] = {"num_cpus": num_cpus}
+    flat = {k: v for k, v in asdict(settings).items() if k != "limits"} | asdict(settings.limits)
+    return GatedModelServer.options(**options).bind(flat)

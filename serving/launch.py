@@ -1,0 +1,50 @@
+"""``skipserve serve``: start (or join) Ray, run the application, block until interrupted."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+APP_NAME = "skipserve"
+
+
+def start_ray(address: Optional[str], metrics_port: int, report_interval_ms: int = 2000) -> None:
+    import ray
+
+    # counters as counters only; Ray otherwise also exports each as a gauge of the same name
+    os.environ.setdefault("RAY_EXPORT_COUNTER_AS_GAUGE", "0")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": report_interval_ms})
+
+
+def serve_main(args: argparse.Namespace, checkpoint: Path) -> int:
+    from ray import serve
+
+    from serving.app import build_app, model_name_for
+
+    cores = os.cpu_count() or 1
+    num_cpus = args.num_cpus or max(1.0, cores / args.replicas)
+    settings = {"checkpoint": str(checkpoint), "model_name": args.model_name or model_name_for(args.checkpoint),
+                "threads": args.threads or int(num_cpus), "max_batch_size": args.max_batch_size,
+                "batch_wait_ms": args.batch_wait_ms, "max_queued_images": args.max_queued_images}
+    start_ray(args.address, args.metrics_port)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(settings, num_replicas=args.replicas, num_cpus=num_cpus), name=APP_NAME, route_prefix="/")
+    where = "the cluster's metrics port" if args.address else f"http://127.0.0.1:{args.metrics_port}/metrics"
+    print(f"skipserve: serving {settings['model_name']!r} ({checkpoint}) on http://{args.host}:{args.port} "
+          f"with {args.replicas} replica(s) x {settings['threads']} thread(s); metrics at {where}; "
+          "Ctrl-C stops", file=sys.stderr, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    return 0

@@ -1,0 +1,232 @@
+"""The real application on Ray Serve: HTTP routes, a standard v2 client, metrics, and bad input.
+
+One server (a tiny gated model on the tiny image set) is started for the module; the tests
+talk to it over loopback like any client would.
+"""
+import base64
+import json
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from gating.backbones import build_backbone
+from gating.checkpoint import ModelCard
+from gating.gates import build_gate
+from gating.model import GatedModel
+from gating.policies import make_policy
+from tests.conftest import CLASSES, randomize_bn
+
+httpx = pytest.importorskip("httpx", reason="the serving tests' HTTP client")
+pytest.importorskip("ray.serve", reason="Ray Serve is the server under test")
+from serving.process import ServerProcess  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+MEAN, STD = (0.45, 0.45, 0.45), (0.25, 0.25, 0.25)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    backbone = randomize_bn(build_backbone("resnet20", num_classes=len(CLASSES)))
+    gate = build_gate("resnet8", backbone)
+    card = ModelCard(arch=backbone.spec.to_dict(), class_names=CLASSES, input_size=(3, 32, 32), mean=MEAN, std=STD)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    GatedModel(backbone, gate, make_policy("budget", 0.5), card).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with ServerProcess(checkpoint, "--batch-wait-ms", "2", "--max-batch-size", "16", log=log) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return GatedModel.load(checkpoint)
+
+
+def jpegs(image_dir):
+    return sorted((image_dir / "train").glob("*/*.jpg"))
+
+
+def metric_values(url: str) -> dict[tuple, float]:
+    """{(sample name, frozenset of our labels): value} for the skipserve series of an exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url, timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if "skipserve" in s.name:
+                labels = frozenset((k, v) for k, v in s.labels.items() if k in ("model", "route", "status", "unit"))
+                out[(s.name.removeprefix("ray_"), labels)] = out.get((s.name.removeprefix("ray_"), labels), 0) + s.value
+    return out
+
+
+def total(values: dict, name: str, **labels) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in values.items() if n == name and want <= set(ls))
+
+
+def test_predictions_equal_skipserve_eval(server, checkpoint, image_dir, capsys):
+    from skipserve.cli import main
+
+    assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(image_dir), "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    correct, units, flops = 0, [], []
+    for path in jpegs(image_dir):
+        r = httpx.post(server.url + "/v1/predict", content=path.read_bytes(),
+                       headers={"content-type": "image/jpeg"}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        correct += body["label"] == path.parent.name
+        units.append(body["units_executed"])
+        flops.append(body["flops_ratio"])
+        assert body["model"] == "tiny" and len(body["scores"]) == len(CLASSES)
+    assert len(units) == expected["n_images"]
+    assert correct / len(units) == expected["top1"]
+    assert np.mean(units) == pytest.approx(expected["units_executed_mean"], abs=1e-9)
+    assert np.mean(flops) == pytest.approx(expected["flops_ratio"], rel=1e-6)
+
+
+def test_multipart_upload_and_top_k(server, image_dir):
+    path = jpegs(image_dir)[0]
+    r = httpx.post(server.url + "/v1/predict", params={"top_k": 2},
+                   files={"file": ("x.jpg", path.read_bytes(), "image/jpeg")}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["scores"]) == 2 and body["scores"][0]["label"] == body["label"]
+    assert body["scores"][0]["probability"] >= body["scores"][1]["probability"]
+
+
+def test_tritonclient_v2_inference(server, model):
+    tc = pytest.importorskip("tritonclient.http", reason="the standard v2 client under test")
+    client = tc.InferenceServerClient(url=server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
+    meta = client.get_model_metadata("tiny")
+    assert [o["name"] for o in meta["outputs"]] == ["probabilities", "units_executed"]
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    inp = tc.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x.numpy(), binary_data=False)
+    outputs = [tc.InferRequestedOutput(n, binary_data=False) for n in ("probabilities", "units_executed")]
+    result = client.infer("tiny", [inp], outputs=outputs)
+    probs, units = result.as_numpy("probabilities"), result.as_numpy("units_executed")
+    with torch.inference_mode():
+        local = model(x)
+    assert probs.shape == (3, len(CLASSES)) and units.shape == (3,)
+    np.testing.assert_allclose(probs, torch.softmax(local.logits, 1).numpy(), atol=1e-4)
+    np.testing.assert_array_equal(units, local.units_executed.numpy())
+
+
+def test_budget_one_returns_the_full_models_outputs(server, model):
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.flatten().tolist()}],
+            "parameters": {"budget": 1.0}}
+    r = httpx.post(server.url + "/v2/models/tiny/infer", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    with torch.inference_mode():
+        full = torch.softmax(model.backbone(x), 1)
+    np.testing.assert_allclose(np.array(out["probabilities"]["data"]).reshape(2, -1), full.numpy(), atol=1e-4)
+    assert out["units_executed"]["data"] == [model.num_units] * 2
+
+
+def test_uint8_and_bytes_tensors(server, image_dir):
+    data = jpegs(image_dir)[0].read_bytes()
+    pixels = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8)
+    for spec in ({"name": "input", "datatype": "UINT8", "shape": [1, 32, 32, 3], "data": pixels.flatten().tolist()},
+                 {"name": "input", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(data).decode()]}):
+        r = httpx.post(server.url + "/v2/models/tiny/infer", json={"inputs": [spec]}, timeout=60)
+        assert r.status_code == 200, (spec["datatype"], r.text)
+        assert r.json()["outputs"][0]["shape"] == [1, len(CLASSES)]
+
+
+def settled_metrics(url: str, period_s: float = 3.0) -> dict:
+    """Metrics once two reads a report period apart agree (earlier tests' requests all reported)."""
+    values = metric_values(url)
+    for _ in range(20):
+        time.sleep(period_s)
+        again = metric_values(url)
+        if again == values:
+            return values
+        values = again
+    raise AssertionError("metrics did not settle")
+
+
+def test_metrics_count_what_was_served(server, model, image_dir):
+    before = settled_metrics(server.metrics_url)
+    paths = jpegs(image_dir)[:5]
+    units = 0
+    for path in paths:
+        r = httpx.post(server.url + "/v1/predict", content=path.read_bytes(), timeout=60)
+        assert r.status_code == 200
+        units += r.json()["units_executed"]
+    deadline = time.monotonic() + 60  # Ray reports application metrics every couple of seconds
+    while True:
+        after = metric_values(server.metrics_url)
+        images = total(after, "skipserve_images_total") - total(before, "skipserve_images_total")
+        requests = (total(after, "skipserve_requests_total", route="/v1/predict", status="200")
+                    - total(before, "skipserve_requests_total", route="/v1/predict", status="200"))
+        if (images, requests) == (5, 5) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert (images, requests) == (5, 5)
+    full = total(after, "skipserve_flops_full_total") - total(before, "skipserve_flops_full_total")
+    assert full == pytest.approx(5 * model.flops.full, rel=1e-6)
+    executed_units = total(after, "skipserve_unit_executed_total") - total(before, "skipserve_unit_executed_total")
+    assert executed_units == units
+    assert total(after, "skipserve_request_latency_seconds_count", route="/v1/predict") >= 5
+    assert total(after, "skipserve_budget") == pytest.approx(0.5)
+
+
+def png_header(w, h):
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr
+            + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)))
+
+
+def v2(data=None, **over):
+    spec = {"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": data or [0.0] * 3072}
+    spec.update(over)
+    return {"inputs": [spec]}
+
+
+BAD = [
+    ("empty body", "/v1/predict", {"content": b""}, 400),
+    ("truncated JPEG", "/v1/predict", {"content": None}, 400),
+    ("text", "/v1/predict", {"content": b"just some text", "headers": {"content-type": "text/plain"}}, 415),
+    ("20000x20000 PNG header", "/v1/predict", {"content": png_header(20000, 20000)}, 413),
+    ("negative budget", "/v1/predict?budget=-0.5", {"content": None}, 400),
+    ("unknown policy", "/v1/predict?policy=fastest", {"content": None}, 400),
+    ("wrong tensor shape", "/v2/models/tiny/infer", {"json": v2(shape=[1, 32, 32], data=[0.0] * 1024)}, 400),
+    ("wrong dtype", "/v2/models/tiny/infer", {"json": v2(datatype="FP16")}, 400),
+    ("NaN", "/v2/models/tiny/infer", {"content": json.dumps(v2([float("nan")] * 3072)).encode()}, 400),
+    ("negative budget (v2)", "/v2/models/tiny/infer", {"json": {**v2(), "parameters": {"budget": -1}}}, 400),
+    ("unknown model", "/v2/models/nope/infer", {"json": v2()}, 404),
+    ("malformed JSON", "/v2/models/tiny/infer", {"content": b"{\"inputs\": [", "headers": {}}, 400),
+    ("too many elements", "/v2/models/tiny/infer", {"json": v2(shape=[65, 3, 32, 32], data=[0.0])}, 413),
+]
+
+
+@pytest.mark.parametrize("what,route,kwargs,status", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server, image_dir, what, route, kwargs, status):
+    good = jpegs(image_dir)[0].read_bytes()
+    kwargs = dict(kwargs)
+    if "content" in kwargs and kwargs["content"] is None:
+        kwargs["content"] = good[: len(good) // 3] if what == "truncated JPEG" else good
+    r = httpx.post(server.url + route, timeout=60, **kwargs)
+    assert r.status_code == status, (what, r.status_code, r.text)
+    assert isinstance(r.json().get("error"), str) and r.json()["error"], r.text
+    assert httpx.post(server.url + "/v1/predict", content=good, timeout=60).status_code == 200
+
+
+def test_openapi_schema_is_served(server):
+    schema = httpx.get(server.url + "/openapi.json", timeout=30).json()
+    assert {"/v1/predict", "/v2/models/{name}/infer", "/v2/health/ready"} <= set(schema["paths"])
