@@ -10,8 +10,6 @@ Compute saved over any window = 1 - rate(flops_executed) / rate(flops_full).
 """
 from __future__ import annotations
 
-from ray.serve import metrics
-
 # name -> what it counts; the Prometheus name adds "_total" to counters
 NAMES = {
     "skipserve_requests": "HTTP requests by route and status code",
@@ -24,12 +22,24 @@ NAMES = {
     "skipserve_budget": "compute budget the replica serves with now (fraction of backbone FLOPs)",
 }
 
+KINDS = {"skipserve_request_latency_seconds": "histogram", "skipserve_batch_size": "histogram",
+         "skipserve_budget": "gauge"}  # the rest are counters
+SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+
+
+def series_names() -> set[str]:
+    """Every series name the server exports, as Prometheus sees it after the ``ray_`` prefix is dropped."""
+    return {name + suffix for name in NAMES for suffix in SUFFIXES[KINDS.get(name, "counter")]}
+
+
 LATENCY_BOUNDS = [0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
 BATCH_BOUNDS = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
 class ServeMetrics:
     def __init__(self, model: str, num_units: int):
+        from ray.serve import metrics  # only inside a replica: monitor and tests read the names above without Ray
+
         self.model = model
         self.requests = metrics.Counter("skipserve_requests", NAMES["skipserve_requests"],
                                         tag_keys=("model", "route", "status"))

@@ -211,6 +211,26 @@ def _bench_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_serving(args: argparse.Namespace) -> int:
+    from benchmarks.serving import ServingBenchConfig, run
+
+    cfg = ServingBenchConfig(checkpoint=args.checkpoint, data=args.data, phase_s=args.seconds, rounds=args.rounds,
+                             concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+                             max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
+    if args.quick:
+        cfg.phase_s, cfg.rounds, cfg.warmup_s, cfg.images = 3.0, 1, 1.0, 64
+    result = run(cfg)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for level in result["levels"]:
+            g, f = level["gated"], level["full"]
+            print(f"concurrency {level['concurrency']:>3}: gated {g['throughput_rps']:7.1f} rps "
+                  f"p50 {g['p50_ms']:6.1f} p99 {g['p99_ms']:6.1f} ms | full {f['throughput_rps']:7.1f} rps "
+                  f"p50 {f['p50_ms']:6.1f} p99 {f['p99_ms']:6.1f} ms | x{level['throughput_ratio']:.2f}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from gating.zoo import resolve_checkpoint
     from serving.launch import serve_main
@@ -352,6 +372,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-epochs", type=int, default=0)
     p.add_argument("--methods", help="comma-separated subset (default: all, and torch-pruning)")
     p.add_argument("--quick", action="store_true", help="fewer timing repetitions")
+    p = benchmark("serving", "closed-loop HTTP load: gated deployment vs policy full, same batching", _bench_serving)
+    p.add_argument("--checkpoint", default="default", help="model to serve (default: default)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="request images come from its validation split")
+    p.add_argument("--concurrency", default="16", help="closed-loop clients, comma-separated levels (default: 16)")
+    p.add_argument("--seconds", type=float, default=15.0, help="seconds per measured phase (default: 15)")
+    p.add_argument("--rounds", type=int, default=2, help="gated/full alternations per level (default: 2)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--quick", action="store_true", help="short phases (smoke test)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,116 @@
+"""``skipserve bench serving``: closed-loop HTTP load against the gated deployment vs policy full.
+
+One server is started (``skipserve serve`` in a child process, real Ray Serve) and both sides
+are measured against it with the same batching: the gated side sends plain requests (the
+model's own policy and knob), the full side the same requests with ``policy=full``. Phases
+alternate (gated, full, gated, full, ...) so that machine drift hits both alike; each side's
+figures pool its phases. Every client keeps one request in flight (closed loop), so the
+offered load is the concurrency.
+"""
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+from benchmarks.common import machine_info
+
+
+@dataclass
+class ServingBenchConfig:
+    checkpoint: str = "default"  # shipped name or path
+    data: str = "../shared/data/cifar10-train-jpeg.tar.gz"  # request images: the validation split, as JPEG
+    concurrency: tuple[int, ...] = (16,)  # closed-loop clients; the last level is the headline
+    phase_s: float = 15.0  # seconds per measured phase
+    rounds: int = 2  # gated/full alternations per level
+    warmup_s: float = 3.0  # unmeasured load before each level
+    images: int = 256  # distinct request images, cycled
+    max_batch_size: int = 32
+    batch_wait_ms: float = 5.0
+    replicas: int = 1
+    log: str = ""  # server log file; "" = a temporary file
+
+
+def request_images(cfg: ServingBenchConfig) -> list[bytes]:
+    from torchvision.io import encode_jpeg
+
+    from training.backbone import BackboneConfig, load_split
+
+    _, val = load_split(BackboneConfig(data=cfg.data))
+    return [encode_jpeg(val.images[i], quality=95).numpy().tobytes() for i in range(min(cfg.images, len(val)))]
+
+
+async def closed_loop(url: str, images: list[bytes], concurrency: int, seconds: float,
+                      params: dict) -> dict:
+    import aiohttp
+
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    errors = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def client(k: int, session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        i = k
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, data=images[i % len(images)], params=params,
+                                        headers={"content-type": "image/jpeg"}) as r:
+                    await r.read()
+                    statuses[r.status] = statuses.get(r.status, 0) + 1
+                    if r.status == 200:
+                        latencies.append(time.perf_counter() - t0)
+                    else:
+                        errors += 1
+            except aiohttp.ClientError:
+                errors += 1
+            i += concurrency
+
+    t0 = time.perf_counter()
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as s:
+        await asyncio.gather(*(client(k, s) for k in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    return {"latencies": latencies, "errors": errors, "seconds": elapsed, "statuses": statuses}
+
+
+def summarise(phases: list[dict]) -> dict:
+    lat = sorted(x for p in phases for x in p["latencies"])
+    seconds = sum(p["seconds"] for p in phases)
+    q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) >= 2 else [float("nan")] * 99
+    return {"throughput_rps": len(lat) / seconds, "p50_ms": q[49] * 1e3, "p99_ms": q[98] * 1e3,
+            "requests": len(lat) + sum(p["errors"] for p in phases), "errors": sum(p["errors"] for p in phases),
+            "phase_rps": [round(len(p["latencies"]) / p["seconds"], 2) for p in phases]}
+
+
+def run(cfg: ServingBenchConfig) -> dict:
+    from gating.zoo import resolve_checkpoint
+    from serving.process import ServerProcess
+
+    path = resolve_checkpoint(cfg.checkpoint)
+    images = request_images(cfg)
+    log = cfg.log or tempfile.mktemp(prefix="skipserve-bench-serving-", suffix=".log")
+    args = ["--max-batch-size", str(cfg.max_batch_size), "--batch-wait-ms", str(cfg.batch_wait_ms),
+            "--replicas", str(cfg.replicas)]
+    levels = []
+    with ServerProcess(path, *args, log=log) as server:
+        url = server.url + "/v1/predict"
+        sides = {"gated": {}, "full": {"policy": "full"}}
+        for c in cfg.concurrency:
+            for params in sides.values():
+                asyncio.run(closed_loop(url, images, c, cfg.warmup_s, params))
+            phases: dict[str, list[dict]] = {k: [] for k in sides}
+            for _ in range(cfg.rounds):
+                for side, params in sides.items():
+                    phases[side].append(asyncio.run(closed_loop(url, images, c, cfg.phase_s, params)))
+            level = {side: summarise(p) for side, p in phases.items()}
+            level["concurrency"] = c
+            level["throughput_ratio"] = level["gated"]["throughput_rps"] / level["full"]["throughput_rps"]
+            levels.append(level)
+    head = levels[-1]
+    return {"benchmark": "serving", "checkpoint": cfg.checkpoint, "gated": head["gated"], "full": head["full"],
+            "throughput_ratio": head["throughput_ratio"], "concurrency": head["concurrency"], "levels": levels,
+            "config": asdict(cfg), "server_log": str(log), "machine": machine_info()}
