@@ -43,10 +43,15 @@ def request_images(cfg: ServingBenchConfig) -> list[bytes]:
 
 
 async def closed_loop(url: str, images: list[bytes], concurrency: int, seconds: float,
-                      params: dict) -> dict:
+                      params: dict, knobs: bool = False) -> dict:
+    """``concurrency`` clients, each one request in flight, for ``seconds``; with ``knobs``, also
+    the served policy knob of every answer as (seconds into the run, knob)."""
+    import json
+
     import aiohttp
 
     latencies: list[float] = []
+    served: list[tuple[float, float]] = []
     statuses: dict[int, int] = {}
     errors = 0
     stop_at = time.perf_counter() + seconds
@@ -59,22 +64,25 @@ async def closed_loop(url: str, images: list[bytes], concurrency: int, seconds: 
             try:
                 async with session.post(url, data=images[i % len(images)], params=params,
                                         headers={"content-type": "image/jpeg"}) as r:
-                    await r.read()
+                    body = await r.read()
                     statuses[r.status] = statuses.get(r.status, 0) + 1
                     if r.status == 200:
-                        latencies.append(time.perf_counter() - t0)
+                        now = time.perf_counter()
+                        latencies.append(now - t0)
+                        if knobs:
+                            served.append((now - start, json.loads(body)["policy"]["knob"]))
                     else:
                         errors += 1
             except aiohttp.ClientError:
                 errors += 1
             i += concurrency
 
-    t0 = time.perf_counter()
+    start = time.perf_counter()
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as s:
         await asyncio.gather(*(client(k, s) for k in range(concurrency)))
-    elapsed = time.perf_counter() - t0
-    return {"latencies": latencies, "errors": errors, "seconds": elapsed, "statuses": statuses}
+    elapsed = time.perf_counter() - start
+    return {"latencies": latencies, "errors": errors, "seconds": elapsed, "statuses": statuses, "knobs": served}
 
 
 def summarise(phases: list[dict]) -> dict:

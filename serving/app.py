@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -27,6 +28,8 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gating.policies import make_policy
+from serving.autopilot import Autopilot, AutopilotConfig
 from serving.images import Limits, RequestError, decode_image_bytes
 from serving.v2 import parse_infer_request
 
@@ -46,6 +49,8 @@ class ServerSettings:
     max_batch_size: int = 32  # images per executed batch
     batch_wait_ms: float = 5.0  # how long a batch waits to fill
     max_queued_images: int = 256  # images waiting in one replica beyond which requests get 503 at once
+    slo_p99_ms: float = 0.0  # SLO autopilot target; 0 = off (serve the model's own knob)
+    min_budget: float = 0.3  # the autopilot's floor, fraction of backbone FLOPs
     limits: Limits = field(default_factory=Limits)  # request size limits
 
     @classmethod
@@ -60,7 +65,7 @@ class ServerSettings:
         s = cls(**values, limits=limits)
         s.threads, s.max_batch_size, s.max_queued_images = int(s.threads), int(s.max_batch_size), \
             int(s.max_queued_images)
-        s.batch_wait_ms = float(s.batch_wait_ms)
+        s.batch_wait_ms, s.slo_p99_ms, s.min_budget = float(s.batch_wait_ms), float(s.slo_p99_ms), float(s.min_budget)
         if s.max_batch_size < 1 or s.batch_wait_ms < 0 or s.max_queued_images < 1:
             raise ValueError("max_batch_size and max_queued_images must be >= 1, batch_wait_ms >= 0")
         if not s.model_name:
@@ -186,7 +191,9 @@ class GatedModelServer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skipserve-model")
         self._queued = 0  # images accepted and not yet answered
         self._apply_batching(self.settings.max_batch_size, self.settings.batch_wait_ms)
+        self.autopilot = self._make_autopilot()
         self._export_budget()
+        threading.Thread(target=self._control_loop, name="skipserve-autopilot", daemon=True).start()
         logger.info("skipserve: serving %s (%s) as %r, policy %s, %d units, %d torch threads", path,
                     self.engine.model.card.arch.get("name"), self.name, self.engine.default_policy,
                     self.engine.num_units, torch.get_num_threads())
@@ -196,16 +203,37 @@ class GatedModelServer:
         """``user_config`` keys: ``policy`` and ``knob`` (served rule), ``max_batch_size``, ``batch_wait_ms``."""
         cfg = dict(user_config or {})
         if "policy" in cfg or "knob" in cfg:
-            from gating.policies import make_policy
-
             name = cfg.pop("policy", None) or self.engine.default_policy.name
             self.engine.default_policy = make_policy(name, cfg.pop("knob", None))
+            if self.autopilot is not None:  # the new knob is the autopilot's new baseline
+                self.autopilot = self._make_autopilot()
             self._export_budget()
         self._apply_batching(int(cfg.pop("max_batch_size", self.settings.max_batch_size)),
                              float(cfg.pop("batch_wait_ms", self.settings.batch_wait_ms)))
         if cfg:
             raise ValueError(f"unknown user_config keys {sorted(cfg)}; "
                              "known: policy, knob, max_batch_size, batch_wait_ms")
+
+    def _make_autopilot(self) -> Optional[Autopilot]:
+        if self.settings.slo_p99_ms <= 0:
+            return None
+        if self.engine.model.gate is None:
+            raise ValueError("the SLO autopilot adjusts the compute budget, which needs a gated model")
+        policy = self.engine.default_policy
+        baseline = policy.knob if policy.name == "budget" else 1.0
+        self.engine.default_policy = make_policy("budget", baseline)
+        return Autopilot(AutopilotConfig(self.settings.slo_p99_ms, min(self.settings.min_budget, baseline), baseline))
+
+    def _control_loop(self) -> None:
+        """Every period: one autopilot decision (when on), and the budget gauge refreshed."""
+        period = self.autopilot.cfg.interval_s if self.autopilot else 5.0
+        while True:
+            time.sleep(period)
+            if self.autopilot is not None:
+                budget = self.autopilot.step(self._queued)
+                if budget != self.engine.default_policy.knob:
+                    self.engine.default_policy = make_policy("budget", budget)
+            self._export_budget()
 
     def _apply_batching(self, max_batch_size: int, batch_wait_ms: float) -> None:
         self.settings.max_batch_size, self.settings.batch_wait_ms = max_batch_size, batch_wait_ms
@@ -256,7 +284,10 @@ class GatedModelServer:
         except Exception:  # a bug, not the client's fault: logged, answered as JSON 500
             logger.exception("skipserve: %s failed", route)
             response = _error(500, "internal error")
-        self.metrics.request(route, response.status_code, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.metrics.request(route, response.status_code, seconds)
+        if self.autopilot is not None and response.status_code == 200:
+            self.autopilot.observe(seconds)
         return response
 
     # ------------------------------------------------------------------ routes

@@ -34,12 +34,14 @@ def serve_main(args: argparse.Namespace, checkpoint: Path) -> int:
     num_cpus = args.num_cpus or max(1.0, cores / args.replicas)
     settings = {"checkpoint": str(checkpoint), "model_name": args.model_name or model_name_for(args.checkpoint),
                 "threads": args.threads or int(num_cpus), "max_batch_size": args.max_batch_size,
-                "batch_wait_ms": args.batch_wait_ms, "max_queued_images": args.max_queued_images}
+                "batch_wait_ms": args.batch_wait_ms, "max_queued_images": args.max_queued_images,
+                "slo_p99_ms": args.slo_p99_ms, "min_budget": args.min_budget}
     start_ray(args.address, args.metrics_port)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(settings, num_replicas=args.replicas, num_cpus=num_cpus), name=APP_NAME, route_prefix="/")
     where = "the cluster's metrics port" if args.address else f"http://127.0.0.1:{args.metrics_port}/metrics"
-    print(f"skipserve: serving {settings['model_name']!r} ({checkpoint}) on http://{args.host}:{args.port} "
+    autopilot = f"; SLO autopilot p99 <= {args.slo_p99_ms:g} ms, budget >= {args.min_budget:g}" if args.slo_p99_ms else ""
+    print(f"skipserve: serving {settings['model_name']!r} ({checkpoint}) on http://{args.host}:{args.port}{autopilot} "
           f"with {args.replicas} replica(s) x {settings['threads']} thread(s); metrics at {where}; "
           "Ctrl-C stops", file=sys.stderr, flush=True)
     stop = threading.Event()

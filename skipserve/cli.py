@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Callable, Optional
 
 
@@ -231,6 +232,47 @@ def _bench_serving(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_autopilot(args: argparse.Namespace) -> int:
+    from benchmarks.autopilot import AutopilotBenchConfig, run
+
+    cfg = AutopilotBenchConfig(checkpoint=args.checkpoint, data=args.data, slo_p99_ms=args.slo_p99_ms,
+                               min_budget=args.min_budget, high_concurrency=args.high_concurrency)
+    if args.quick:
+        cfg.low_s, cfg.high_s, cfg.recover_s = 3.0, 6.0, 10.0
+    result = run(cfg)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"SLO p99 {result['slo_ms']:g} ms, baseline budget {result['baseline_budget']}, "
+              f"floor {result['min_budget']}")
+        for r in result["phases"]:
+            budget = "-" if r["budget_mean"] is None else f"{r['budget_mean']:.2f}"
+            print(f"{r['phase']:>10} autopilot={'on ' if r['autopilot'] else 'off'} p99 {r['p99_ms']:7.1f} ms "
+                  f"budget {budget} {r['throughput_rps']:6.1f} rps")
+        print(f"budget back at baseline {result['budget_recovery_s']} s after the load dropped")
+    return 0
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    from serving import monitor
+
+    if bool(args.prometheus) == bool(args.metrics):
+        raise ValueError("give one source: --prometheus URL (a Prometheus server) or --metrics URL (Ray's endpoint)")
+    state = None
+    while True:
+        if args.prometheus:
+            report = monitor.from_prometheus(args.prometheus)
+        else:
+            report, state = monitor.from_metrics(args.metrics, window_s=args.window, previous=state)
+        if args.json:
+            print(monitor.as_json(report), flush=True)
+        else:
+            print(("\033[2J\033[H" if args.watch else "") + monitor.render(report), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from gating.zoo import resolve_checkpoint
     from serving.launch import serve_main
@@ -341,10 +383,25 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queued-images", type=int, default=256,
                    help="per replica; beyond it requests get 503 at once (default: 256)")
     p.add_argument("--model-name", help="name in the v2 routes and metrics (default: from the checkpoint)")
+    p.add_argument("--slo-p99-ms", type=float, default=0.0,
+                   help="SLO autopilot: lower the compute budget under load to hold this p99 (default: off)")
+    p.add_argument("--min-budget", type=float, default=0.3,
+                   help="the autopilot's floor, fraction of backbone FLOPs (default: 0.3)")
     p.add_argument("--address", help="an existing Ray cluster (default: start a local Ray instance)")
     p.add_argument("--metrics-port", type=int, default=8080,
                    help="Ray's Prometheus metrics port for a local instance (default: 8080)")
     p.set_defaults(func=_serve)
+
+
+def _add_monitor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("monitor", help="compute saved, per-unit skip rates, requests/s and p99 of a running server")
+    p.add_argument("--prometheus", metavar="URL", help="a Prometheus server scraping skipserve, e.g. http://127.0.0.1:9090")
+    p.add_argument("--metrics", metavar="URL", help="Ray's metrics endpoint, e.g. http://127.0.0.1:8080/metrics")
+    p.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+    p.add_argument("--window", type=float, default=2.0, help="with --metrics: seconds between the reads that "
+                                                             "rates come from (default: 2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (per refresh)")
+    p.set_defaults(func=_monitor)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -381,6 +438,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--quick", action="store_true", help="short phases (smoke test)")
+    p = benchmark("autopilot", "load step low -> overload -> low, SLO autopilot on vs fixed budget", _bench_autopilot)
+    p.add_argument("--checkpoint", default="default", help="model to serve (default: default)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="request images come from its validation split")
+    p.add_argument("--slo-p99-ms", type=float, default=250.0, help="the SLO (default: 250)")
+    p.add_argument("--min-budget", type=float, default=0.25, help="the autopilot's floor (default: 0.25)")
+    p.add_argument("--high-concurrency", type=int, default=64, help="clients in the overload phase (default: 64)")
+    p.add_argument("--quick", action="store_true", help="short phases (smoke test)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -391,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_stages(sub)
     _add_serve(sub)
+    _add_monitor(sub)
     _add_bench(sub)
     return parser
 

@@ -8,6 +8,7 @@ import json
 import struct
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,6 +185,22 @@ def test_metrics_count_what_was_served(server, model, image_dir):
     assert executed_units == units
     assert total(after, "skipserve_request_latency_seconds_count", route="/v1/predict") >= 5
     assert total(after, "skipserve_budget") == pytest.approx(0.5)
+    from serving.metrics import series_names
+
+    exported = {name for name, _ in after}
+    assert exported <= series_names(), f"exported but undeclared: {exported - series_names()}"
+    assert {"skipserve_requests_total", "skipserve_flops_full_total", "skipserve_batch_size_bucket"} <= exported
+
+
+def test_monitor_reads_the_servers_savings(server, capsys):
+    from skipserve.cli import main
+
+    values = settled_metrics(server.metrics_url)
+    saved = 1 - total(values, "skipserve_flops_executed_total") / total(values, "skipserve_flops_full_total")
+    assert main(["monitor", "--metrics", server.metrics_url, "--window", "0.5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["compute_saved"] == pytest.approx(saved, abs=1e-9)
+    assert 0 < report["compute_saved"] < 1 and len(report["per_unit_skip_rate"]) == 9
 
 
 def png_header(w, h):
@@ -230,3 +247,57 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server, image_di
 def test_openapi_schema_is_served(server):
     schema = httpx.get(server.url + "/openapi.json", timeout=30).json()
     assert {"/v1/predict", "/v2/models/{name}/infer", "/v2/health/ready"} <= set(schema["paths"])
+
+
+def test_prometheus_scrapes_the_server_and_monitor_shows_the_same_savings(server, image_dir, tmp_path, capsys):
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from serving.process import free_port
+    from skipserve.cli import main
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("the prometheus binary is not installed (Debian package 'prometheus'; .ci/run installs it)")
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "deploy/prometheus/prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    config["scrape_configs"][0]["static_configs"] = [{"targets": [server.metrics_url.split("/")[2]]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    prom = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for path in jpegs(image_dir)[:3]:
+            assert httpx.post(server.url + "/v1/predict", content=path.read_bytes(), timeout=60).status_code == 200
+        raw = settled_metrics(server.metrics_url)
+        images = total(raw, "skipserve_images_total")
+        saved = 1 - total(raw, "skipserve_flops_executed_total") / total(raw, "skipserve_flops_full_total")
+
+        def query(q):
+            r = httpx.get(base + "/api/v1/query", params={"query": q}, timeout=10).json()
+            return r["data"]["result"] if r.get("status") == "success" else []
+
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                result = query("sum(skipserve_images_total)")
+            except httpx.HTTPError:
+                result = []
+            if result and float(result[0]["value"][1]) == images:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"Prometheus never saw {images} images; log: {(tmp_path / 'prometheus.log').read_text()[-2000:]}")
+        assert not query("ray_skipserve_images_total"), "the scrape config renames Ray's prefixed series"
+        assert query('sum by (unit) (skipserve_unit_executed_total)')
+        assert main(["monitor", "--prometheus", base, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["images"] == images
+        assert report["compute_saved"] == pytest.approx(saved, abs=1e-9)
+    finally:
+        prom.terminate()
+        prom.wait(30)

@@ -1,0 +1,82 @@
+"""``skipserve bench autopilot``: a load step (low -> overload -> low), autopilot on vs fixed budget.
+
+Two servers are run in turn with the same model and batching, one with ``--slo-p99-ms``, one
+without. Each gets the same three closed-loop phases. Per phase we report the client-side p99
+and the mean budget the answers were served with (each /v1/predict answer names its knob);
+``budget_recovery_s`` is how long after the load drops the autopilot serves the baseline again
+(the first answer at the baseline after which every answer is at it).
+"""
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass
+
+from benchmarks.common import machine_info
+from benchmarks.serving import ServingBenchConfig, closed_loop, request_images, summarise
+
+
+@dataclass
+class AutopilotBenchConfig:
+    checkpoint: str = "default"
+    data: str = "../shared/data/cifar10-train-jpeg.tar.gz"
+    slo_p99_ms: float = 250.0  # between the fixed deployment's overload p99 and the floor's
+    min_budget: float = 0.25
+    low_concurrency: int = 2
+    high_concurrency: int = 64  # far past what the fixed budget serves within the SLO here
+    low_s: float = 15.0
+    high_s: float = 30.0
+    recover_s: float = 40.0  # the last low phase: long enough to see the budget come back
+    max_batch_size: int = 32
+    batch_wait_ms: float = 5.0
+
+
+def recovery_seconds(knobs: list[tuple[float, float]], baseline: float) -> float | None:
+    """Seconds into the phase from which every answer was served at ``baseline``; None if never."""
+    at = None
+    for t, knob in knobs:
+        if abs(knob - baseline) > 1e-9:
+            at = None
+        elif at is None:
+            at = t
+    return at
+
+
+def run(cfg: AutopilotBenchConfig) -> dict:
+    from gating.model import GatedModel
+    from gating.zoo import resolve_checkpoint
+    from serving.process import ServerProcess
+
+    path = resolve_checkpoint(cfg.checkpoint)
+    policy = GatedModel.load(path).policy
+    baseline = policy.knob if policy.name == "budget" else 1.0
+    images = request_images(ServingBenchConfig(data=cfg.data))
+    phases = [("low", cfg.low_concurrency, cfg.low_s), ("overload", cfg.high_concurrency, cfg.high_s),
+              ("low-again", cfg.low_concurrency, cfg.recover_s)]
+    rows, recovery = [], None
+    for autopilot in (False, True):
+        args = ["--max-batch-size", str(cfg.max_batch_size), "--batch-wait-ms", str(cfg.batch_wait_ms)]
+        if autopilot:
+            args += ["--slo-p99-ms", str(cfg.slo_p99_ms), "--min-budget", str(cfg.min_budget)]
+        log = tempfile.mktemp(prefix=f"skipserve-bench-autopilot-{'on' if autopilot else 'off'}-", suffix=".log")
+        with ServerProcess(path, *args, log=log) as server:
+            url = server.url + "/v1/predict"
+            asyncio.run(closed_loop(url, images, cfg.low_concurrency, 3.0, {}))  # warm-up
+            for name, concurrency, seconds in phases:
+                result = asyncio.run(closed_loop(url, images, concurrency, seconds, {}, knobs=True))
+                summary = summarise([result])
+                rows.append({"phase": name, "autopilot": autopilot, "concurrency": concurrency,
+                             "p99_ms": summary["p99_ms"], "p50_ms": summary["p50_ms"],
+                             "throughput_rps": summary["throughput_rps"], "errors": summary["errors"],
+                             "budget_mean": statistics.fmean(k for _, k in result["knobs"]) if result["knobs"]
+                             else None})
+                if autopilot and name == "low-again":
+                    recovery = recovery_seconds(result["knobs"], baseline)
+    by = {(r["phase"], r["autopilot"]): r for r in rows}
+    return {"benchmark": "autopilot", "checkpoint": cfg.checkpoint, "slo_ms": cfg.slo_p99_ms,
+            "baseline_budget": baseline, "min_budget": cfg.min_budget, "phases": rows,
+            "budget_recovery_s": recovery,
+            "overload_p99_within_slo": {"autopilot": by[("overload", True)]["p99_ms"] <= cfg.slo_p99_ms,
+                                        "fixed": by[("overload", False)]["p99_ms"] <= cfg.slo_p99_ms},
+            "config": asdict(cfg), "machine": machine_info()}

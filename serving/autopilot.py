@@ -1,0 +1,69 @@
+"""SLO autopilot: trade accuracy for latency under load, through the compute budget of each request.
+
+Every ``interval_s`` the controller looks at the latencies of requests answered since its last
+decision and at the images queued in the replica. Over the SLO (p99 above ``high`` x SLO, or a
+queue longer than ``max_queue`` images) it cuts the budget multiplicatively; comfortably under
+(p99 below ``low`` x SLO and a short queue) it raises it additively, never above the baseline
+(the model's own budget) nor below the floor. Multiplicative decrease, additive increase: it
+sheds load fast and gives accuracy back carefully. Requests that name their own knob are left
+alone. Pure logic, no Ray: the replica feeds it and reads ``budget``.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class AutopilotConfig:
+    slo_p99_ms: float  # the latency target
+    min_budget: float  # floor: never serve below this fraction of backbone FLOPs
+    baseline: float = 1.0  # ceiling: the budget served when there is no pressure
+    interval_s: float = 0.5  # control period
+    min_samples: int = 8  # fewer answered requests than this in a period: latency says nothing yet
+    high: float = 0.8  # act on p99 above high x SLO (headroom for the next period's growth)
+    low: float = 0.5  # give budget back when p99 is below low x SLO
+    decrease: float = 0.8  # budget x this when over
+    increase: float = 0.05  # budget + this when under
+    max_queue: int = 64  # queued images beyond which the budget drops whatever latency says
+
+    def __post_init__(self):
+        if not self.slo_p99_ms > 0:
+            raise ValueError(f"the SLO must be > 0 ms, got {self.slo_p99_ms}")
+        if not 0 < self.min_budget <= self.baseline <= 1:
+            raise ValueError(f"need 0 < min budget ({self.min_budget}) <= baseline ({self.baseline}) <= 1")
+
+
+def p99(latencies: list[float]) -> float:
+    ordered = sorted(latencies)
+    return ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+
+
+class Autopilot:
+    def __init__(self, cfg: AutopilotConfig):
+        self.cfg = cfg
+        self.budget = cfg.baseline
+        self._latencies: list[float] = []
+        self._lock = threading.Lock()
+
+    def observe(self, latency_s: float) -> None:
+        """Record one answered request (called from the request path)."""
+        with self._lock:
+            self._latencies.append(latency_s)
+
+    def step(self, queued_images: int) -> float:
+        """One control decision; returns the budget to serve with until the next one."""
+        with self._lock:
+            window, self._latencies = self._latencies, []
+        cfg = self.cfg
+        latency: Optional[float] = p99(window) * 1e3 if len(window) >= cfg.min_samples else None
+        if queued_images > cfg.max_queue or (latency is not None and latency > cfg.high * cfg.slo_p99_ms):
+            self.budget = max(cfg.min_budget, round(self.budget * cfg.decrease, 3))
+        elif queued_images <= cfg.max_queue // 4 and (latency is None or latency < cfg.low * cfg.slo_p99_ms):
+            self.budget = min(cfg.baseline, round(self.budget + cfg.increase, 3))
+        else:
+            with self._lock:  # in the band: keep the budget, and the evidence for the next period
+                self._latencies = (window + self._latencies)[-4096:]
+        return self.budget

@@ -1,0 +1,50 @@
+"""The SLO autopilot's control law, without a server."""
+import pytest
+
+from serving.autopilot import Autopilot, AutopilotConfig
+
+
+def run(pilot, latency_ms, periods, queued=0, per_period=20):
+    for _ in range(periods):
+        for _ in range(per_period):
+            pilot.observe(latency_ms / 1e3)
+        pilot.step(queued)
+    return pilot.budget
+
+
+def test_overload_lowers_the_budget_to_the_floor_and_not_below():
+    pilot = Autopilot(AutopilotConfig(slo_p99_ms=100, min_budget=0.3, baseline=0.6))
+    assert run(pilot, 150, 1) == pytest.approx(0.48)
+    assert run(pilot, 150, 20) == 0.3
+
+
+def test_a_long_queue_lowers_the_budget_before_latency_shows_it():
+    pilot = Autopilot(AutopilotConfig(slo_p99_ms=100, min_budget=0.3, baseline=0.6, max_queue=64))
+    assert run(pilot, 10, 1, queued=100) < 0.6
+
+
+def test_budget_returns_to_the_baseline_when_load_drops_and_never_exceeds_it():
+    pilot = Autopilot(AutopilotConfig(slo_p99_ms=100, min_budget=0.3, baseline=0.6))
+    run(pilot, 200, 10)
+    assert pilot.budget == 0.3
+    assert run(pilot, 20, 4) == pytest.approx(0.5)
+    assert run(pilot, 0, 100, per_period=0) == 0.6  # idle: no latency evidence, the budget recovers
+
+
+def test_in_the_band_the_budget_holds():
+    pilot = Autopilot(AutopilotConfig(slo_p99_ms=100, min_budget=0.3, baseline=0.6))
+    run(pilot, 150, 2)
+    held = pilot.budget
+    assert run(pilot, 65, 10) == held
+
+
+def test_too_few_samples_do_not_move_the_budget_down():
+    pilot = Autopilot(AutopilotConfig(slo_p99_ms=100, min_budget=0.3, baseline=0.6, min_samples=8))
+    assert run(pilot, 500, 1, per_period=3) == 0.6
+
+
+@pytest.mark.parametrize("kwargs", [dict(slo_p99_ms=0, min_budget=0.3), dict(slo_p99_ms=50, min_budget=0.0),
+                                    dict(slo_p99_ms=50, min_budget=0.7, baseline=0.6)])
+def test_bad_settings_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        AutopilotConfig(**kwargs)

@@ -1,0 +1,51 @@
+"""``skipserve monitor`` arithmetic on synthetic scrapes (the live server is in test_serving_app)."""
+import math
+
+import pytest
+
+from serving.monitor import quantile_from_buckets, render, report_from_scrapes
+
+
+def snap(images, executed, full, units, requests, buckets, budget=0.6):
+    m = {("skipserve_images_total", (("model", "m"),)): images,
+         ("skipserve_flops_executed_total", (("model", "m"),)): executed,
+         ("skipserve_flops_full_total", (("model", "m"),)): full,
+         ("skipserve_requests_total", (("model", "m"), ("route", "/v1/predict"), ("status", "200"))): requests,
+         ("skipserve_budget", (("model", "m"),)): budget}
+    for u, c in enumerate(units):
+        m[("skipserve_unit_executed_total", (("model", "m"), ("unit", str(u))))] = c
+    for le, c in buckets.items():
+        m[("skipserve_request_latency_seconds_bucket", (("le", le), ("model", "m"), ("route", "/v1/predict")))] = c
+    return m
+
+
+def test_histogram_quantile_matches_prometheus_interpolation():
+    buckets = {"0.01": 50, "0.02": 90, "0.05": 100, "+Inf": 100}
+    assert quantile_from_buckets(buckets, 0.5) == pytest.approx(0.01)
+    assert quantile_from_buckets(buckets, 0.7) == pytest.approx(0.015)
+    assert quantile_from_buckets(buckets, 0.99) == pytest.approx(0.02 + 0.03 * 0.9)
+    assert quantile_from_buckets({"0.1": 0, "+Inf": 0}, 0.99) is None
+    assert quantile_from_buckets({"0.1": 5, "+Inf": 10}, 0.99) == 0.1  # in the +Inf bucket: its lower bound
+
+
+def test_report_rates_and_savings_from_two_scrapes():
+    first = snap(10, 600, 1000, [10, 5, 0], 10, {"0.01": 10, "0.1": 10, "+Inf": 10})
+    second = snap(30, 1500, 3000, [30, 10, 6], 30, {"0.01": 20, "0.1": 30, "+Inf": 30})
+    r = report_from_scrapes(first, second, seconds=4.0, source="test")
+    assert r.images == 30
+    assert r.compute_saved == pytest.approx(0.5)
+    assert r.compute_saved_window == pytest.approx(1 - 900 / 2000)
+    assert r.requests_per_s == pytest.approx(5.0)
+    assert r.p99_ms == pytest.approx(1e3 * (0.01 + 0.09 * (0.99 * 20 - 10) / 10))
+    assert r.per_unit_skip_rate == pytest.approx([0.0, 2 / 3, 0.8])
+    assert r.budget == 0.6
+    text = render(r)
+    assert "50.0%" in text and "unit   2" in text
+
+
+def test_idle_server_reports_no_savings_rather_than_nan():
+    empty = snap(0, 0, 0, [], 0, {})
+    r = report_from_scrapes(empty, empty, seconds=2.0, source="test")
+    assert r.compute_saved is None and r.compute_saved_window is None and r.p99_ms is None
+    assert not any(isinstance(v, float) and math.isnan(v) for v in vars(r).values())
+    assert "no images served yet" in render(r)
