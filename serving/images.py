@@ -6,6 +6,7 @@ a tiny file declaring 20000 x 20000 pixels (a decompression bomb) is refused at 
 """
 from __future__ import annotations
 
+import io
 import struct
 from dataclasses import dataclass
 
@@ -80,6 +81,31 @@ def declared_size(data: bytes) -> tuple[str, int, int]:
     raise RequestError("not a JPEG, PNG or WebP image (unrecognised file signature)", status=415)
 
 
+def _animated_webp(data: bytes) -> bool:
+    return data[12:16] == b"VP8X" and len(data) > 20 and bool(data[20] & 0x02)
+
+
+def _decode_with_pillow(data: bytes, fmt: str) -> torch.Tensor:
+    """PNG, or animated WebP -> (3, H, W) uint8 (the first frame) through Pillow.
+
+    torchvision's PNG decoder takes the whole process down (a segfault, not an exception) when
+    libpng reports an error after the header, e.g. a corrupt IDAT stream
+    (tests/reliability/test_bad_input.py); Pillow raises instead. torchvision refuses animated
+    WebP. Still JPEG and WebP stay with torchvision.io, which survives the same fuzzing.
+    """
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as im:
+        im.seek(0)  # an animated image: its first frame
+        if im.mode.startswith("I"):  # 16-bit (or 32-bit integer) grayscale: keep the top 8 bits
+            gray = (np.asarray(im, dtype=np.uint32) >> (8 if im.mode.startswith("I;16") else 0)).clip(0, 255)
+            arr = np.repeat(gray.astype(np.uint8)[..., None], 3, axis=2)
+        else:
+            arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
 def decode_image_bytes(data: bytes, limits: Limits, size: tuple[int, int]) -> torch.Tensor:
     """Encoded image -> (3, H, W) uint8 RGB at the model's ``size``."""
     from torchvision.io import ImageReadMode, decode_image
@@ -94,9 +120,13 @@ def decode_image_bytes(data: bytes, limits: Limits, size: tuple[int, int]) -> to
     if w * h > limits.max_pixels:
         raise RequestError(f"{kind} declares {w}x{h} pixels, over the limit of {limits.max_pixels}", status=413)
     try:
-        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as err:
-        raise RequestError(f"cannot decode {kind} image: {str(err).splitlines()[0]}") from None
+        if kind == "png" or (kind == "webp" and _animated_webp(data)):
+            img = _decode_with_pillow(data, kind)
+        else:
+            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except Exception as err:  # every decoder failure is the image's fault: a 400 naming it
+        first_line = (str(err).splitlines() or [type(err).__name__])[0]
+        raise RequestError(f"cannot decode {kind} image: {first_line}") from None
     if img.dtype == torch.uint16:  # 16-bit PNG
         img = (img.to(torch.int32) >> 8).to(torch.uint8)
     if img.dim() == 4:  # an animated image: its first frame

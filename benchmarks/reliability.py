@@ -1,0 +1,255 @@
+"""``skipserve bench reliability``: bad input, overload and a killed replica against a real server.
+
+Phases, one server:
+1. bad input: every malformed image of ``malformed_corpus`` and every malformed v2 body, repeated;
+   each must get a JSON 4xx (a 5xx is counted in ``bad_input_5xx``);
+2. good input: images whose answers are known from the same model run locally; a different
+   label or path is a ``wrong_answer``;
+3. overload: far more concurrent multi-image requests than the replica queues; rejected ones
+   must be 503 and fast, accepted ones right;
+4. fault: the replica process is killed (SIGKILL) under load; Ray starts another. We time from
+   the kill until the server answers correctly again (``restart_recovery_s``).
+``server_crashes`` counts the times the server process itself died.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import tempfile
+import time
+import zlib
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+from benchmarks.common import machine_info
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_declaring(w: int, h: int, bit_depth: int = 8, color: int = 2, idat: bytes = b"") -> bytes:
+    ihdr = struct.pack(">IIBBBBB", w, h, bit_depth, color, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + (_png_chunk(b"IDAT", idat) if idat else b"") \
+        + _png_chunk(b"IEND", b"")
+
+
+def malformed_corpus(good_jpeg: bytes) -> list[tuple[str, bytes, bool]]:
+    """(name, bytes, decodable): images a server meets in the wild. ``decodable`` ones must be
+    answered (200), the others refused with a JSON 4xx; none may cause a 5xx."""
+    import numpy as np
+    from PIL import Image
+
+    def pil(img, fmt, **kw) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    rgb = Image.new("RGB", (40, 30), (200, 30, 60))
+    bomb = zlib.compress(b"\x00" * ((3 * 6000 + 1) * 6000), 9)  # 6000x6000 of zeros, ~100 KB compressed
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 255, 0))]
+    anim = io.BytesIO()
+    frames[0].save(anim, format="WEBP", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return [
+        ("empty", b"", False),
+        ("truncated jpeg (header only)", good_jpeg[:30], False),
+        ("truncated jpeg (half)", good_jpeg[: len(good_jpeg) // 2], False),
+        ("wrong magic", b"\x00\x01\x02\x03" + good_jpeg[4:], False),
+        ("text", b"definitely not an image\n" * 4, False),
+        ("html", b"<html><body>hi</body></html>", False),
+        ("png declaring 20000x20000", png_declaring(20000, 20000), False),
+        ("png declaring 0x0", png_declaring(0, 0), False),
+        ("png decompression bomb 6000x6000", png_declaring(6000, 6000, idat=bomb), False),
+        ("png with corrupt data", png_declaring(32, 32, idat=b"\x78\x9c" + os.urandom(64)), False),
+        ("gif", pil(rgb, "GIF"), False),
+        ("bmp", pil(rgb, "BMP"), False),
+        ("cmyk jpeg", pil(rgb.convert("CMYK"), "JPEG"), True),
+        ("grayscale png", pil(rgb.convert("L"), "PNG"), True),
+        ("16-bit png", pil(Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16)), "PNG"), True),
+        ("rgba png", pil(rgb.convert("RGBA"), "PNG"), True),
+        ("palette png", pil(rgb.convert("P"), "PNG"), True),
+        ("animated webp", anim.getvalue(), True),
+        ("webp", pil(rgb, "WEBP"), True),
+        ("large jpeg 2048x1536", pil(Image.new("RGB", (2048, 1536), (10, 120, 200)), "JPEG"), True),
+    ]
+
+
+def malformed_v2(model: str) -> list[tuple[str, str, bytes]]:
+    """(name, route, body) of Open Inference requests that must each get a JSON 4xx."""
+    good = {"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}
+
+    def body(**over):
+        return json.dumps({"inputs": [{**good, **over}]}).encode()
+
+    route = f"/v2/models/{model}/infer"
+    return [
+        ("not json", route, b"{\"inputs\": ["),
+        ("json array", route, b"[1, 2, 3]"),
+        ("no inputs", route, b"{}"),
+        ("two inputs", route, json.dumps({"inputs": [good, good]}).encode()),
+        ("shape not a list", route, body(shape="1,3,32,32")),
+        ("negative dim", route, body(shape=[-1, 3, 32, 32])),
+        ("data too short", route, body(data=[0.0] * 10)),
+        ("strings as FP32", route, body(data=["x"] * 3072)),
+        ("NaN", route, json.dumps({"inputs": [{**good, "data": [float("nan")] * 3072}]}).encode()),
+        ("unknown dtype", route, body(datatype="FP64")),
+        ("UINT8 out of range", route, body(datatype="UINT8", shape=[1, 32, 32, 3], data=[300] * 3072)),
+        ("bad base64", route, body(datatype="BYTES", shape=[1], data=["%%%"])),
+        ("bytes not an image", route, body(datatype="BYTES", shape=[1], data=[base64.b64encode(b"hi").decode()])),
+        ("too many images", route, body(shape=[65, 3, 32, 32], data=[0.0])),
+        ("budget zero", route, json.dumps({"inputs": [good], "parameters": {"budget": 0}}).encode()),
+        ("budget and alpha", route, json.dumps({"inputs": [good], "parameters": {"budget": 0.5, "alpha": 1}}).encode()),
+        ("unknown model", "/v2/models/no-such-model/infer", body()),
+        ("unknown output", route, json.dumps({"inputs": [good], "outputs": [{"name": "logits"}]}).encode()),
+    ]
+
+
+@dataclass
+class ReliabilityBenchConfig:
+    checkpoint: str = "default"
+    data: str = "../shared/data/cifar10-train-jpeg.tar.gz"
+    bad_repeats: int = 5  # passes over the malformed corpus
+    good_images: int = 200  # requests with known answers
+    overload_concurrency: int = 64
+    overload_images: int = 16  # images per overload request
+    overload_s: float = 10.0
+    kill: bool = True
+    recovery_timeout_s: float = 180.0
+
+
+def replica_pids(server_pid: int) -> list[int]:
+    """PIDs of the Serve replica processes under a ``skipserve serve`` process group."""
+    out = subprocess.run(["ps", "-eo", "pid=,pgid=,args="], capture_output=True, text=True).stdout
+    pids = []
+    for line in out.splitlines():
+        pid, pgid, args = line.strip().split(None, 2)
+        if int(pgid) == server_pid and "ServeReplica" in args:
+            pids.append(int(pid))
+    return pids
+
+
+def run(cfg: ReliabilityBenchConfig) -> dict:
+    import httpx
+    import torch
+    from torchvision.io import encode_jpeg
+
+    from gating.model import GatedModel
+    from gating.preprocess import normalize
+    from gating.zoo import resolve_checkpoint
+    from serving.app import model_name_for
+    from serving.images import Limits, decode_image_bytes
+    from serving.process import ServerProcess
+    from training.backbone import BackboneConfig, load_split
+
+    path = resolve_checkpoint(cfg.checkpoint)
+    model = GatedModel.load(path).for_inference()
+    name = model_name_for(cfg.checkpoint)
+    _, val = load_split(BackboneConfig(data=cfg.data))
+    jpegs = [encode_jpeg(val.images[i], quality=100).numpy().tobytes() for i in range(min(cfg.good_images, len(val)))]
+    with torch.inference_mode():  # the answers for what the server will see: the decoded JPEGs
+        seen = torch.stack([decode_image_bytes(j, Limits(), (32, 32)) for j in jpegs])
+        out = model(normalize(seen, model.card.mean, model.card.std))
+    expected = [(int(i), int(u)) for i, u in zip(out.logits.argmax(1), out.units_executed)]
+    status: Counter = Counter()
+    result = {"requests": 0, "bad_input_5xx": 0, "wrong_answers": 0, "server_crashes": 0, "restarts": 0,
+              "restart_recovery_s": None, "overload": {}, "failures": []}
+    log = tempfile.mktemp(prefix="skipserve-bench-reliability-", suffix=".log")
+
+    def check(r: httpx.Response, what: str, ok: bool | None) -> None:
+        result["requests"] += 1
+        status[r.status_code] += 1
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        if r.status_code >= 500 and ok is not None:
+            result["bad_input_5xx"] += 1
+            result["failures"].append(f"{what}: {r.status_code} {r.text[:200]}")
+        elif ok is False and not (400 <= r.status_code < 500 and isinstance(body, dict) and body.get("error")):
+            result["failures"].append(f"{what}: expected a JSON 4xx, got {r.status_code} {r.text[:200]}")
+        elif ok is True and r.status_code != 200:
+            result["failures"].append(f"{what}: expected 200, got {r.status_code} {r.text[:200]}")
+
+    def good_round(client: httpx.Client, base: str) -> int:
+        wrong = 0
+        for j, (data, (label, units)) in enumerate(zip(jpegs, expected)):
+            r = client.post(base + "/v1/predict", content=data, headers={"content-type": "image/jpeg"})
+            check(r, f"good image {j}", None)
+            if r.status_code == 200 and (r.json()["index"], r.json()["units_executed"]) != (label, units):
+                wrong += 1
+        return wrong
+
+    with ServerProcess(path, log=log) as server, httpx.Client(timeout=60) as client:
+        base = server.url
+        corpus = malformed_corpus(jpegs[0])
+        for _ in range(cfg.bad_repeats):
+            for what, data, decodable in corpus:
+                check(client.post(base + "/v1/predict", content=data), what, decodable)
+            for what, route, body in malformed_v2(name):
+                check(client.post(base + route, content=body, headers={"content-type": "application/json"}),
+                      what, False)
+        result["wrong_answers"] += good_round(client, base)
+
+        # overload: v2 requests of several images each, far past the replica's queue
+        x = torch.zeros(cfg.overload_images, 3, 32, 32)
+        body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
+                                       "data": x.flatten().tolist()}]}).encode()
+        result["overload"] = asyncio.run(_overload(base + f"/v2/models/{name}/infer", body, cfg))
+        status.update({int(k): v for k, v in result["overload"]["status_counts"].items()})
+        result["requests"] += sum(result["overload"]["status_counts"].values())
+        result["wrong_answers"] += good_round(client, base)  # recovered after the storm, answers still right
+
+        if cfg.kill:
+            victims = replica_pids(server.proc.pid)
+            t_kill = time.monotonic()
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
+            result["restarts"] = len(victims)
+            while time.monotonic() - t_kill < cfg.recovery_timeout_s:
+                try:
+                    r = client.post(base + "/v1/predict", content=jpegs[0], headers={"content-type": "image/jpeg"},
+                                    timeout=10)
+                    result["requests"] += 1
+                    status[r.status_code] += 1
+                    if r.status_code == 200 and replica_pids(server.proc.pid):
+                        result["restart_recovery_s"] = time.monotonic() - t_kill
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+            result["wrong_answers"] += good_round(client, base)
+        result["server_crashes"] = int(server.proc.poll() is not None)
+    result["status_counts"] = {str(k): v for k, v in sorted(status.items())}
+    result.update(benchmark="reliability", checkpoint=cfg.checkpoint, config=asdict(cfg), server_log=log,
+                  machine=machine_info())
+    return result
+
+
+async def _overload(url: str, body: bytes, cfg: ReliabilityBenchConfig) -> dict:
+    import aiohttp
+
+    statuses: Counter = Counter()
+    rejected_ms: list[float] = []
+    stop_at = time.perf_counter() + cfg.overload_s
+
+    async def client(session):
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
+                await r.read()
+                statuses[r.status] += 1
+                if r.status == 503:
+                    rejected_ms.append((time.perf_counter() - t0) * 1e3)
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120),
+                                     connector=aiohttp.TCPConnector(limit=cfg.overload_concurrency)) as s:
+        await asyncio.gather(*(client(s) for _ in range(cfg.overload_concurrency)))
+    rejected_ms.sort()
+    return {"status_counts": {str(k): v for k, v in sorted(statuses.items())},
+            "rejected_p99_ms": rejected_ms[int(0.99 * (len(rejected_ms) - 1))] if rejected_ms else None}
