@@ -124,14 +124,19 @@ class ReliabilityBenchConfig:
 
 
 def replica_pids(server_pid: int) -> list[int]:
-    """PIDs of the Serve replica processes under a ``skipserve serve`` process group."""
-    out = subprocess.run(["ps", "-eo", "pid=,pgid=,args="], capture_output=True, text=True).stdout
-    pids = []
+    """PIDs of the Serve replica processes started under a ``skipserve serve`` process."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    children: dict[int, list[tuple[int, str]]] = {}
     for line in out.splitlines():
-        pid, pgid, args = line.strip().split(None, 2)
-        if int(pgid) == server_pid and "ServeReplica" in args:
-            pids.append(int(pid))
-    return pids
+        pid, ppid, *args = line.strip().split(None, 2)
+        children.setdefault(int(ppid), []).append((int(pid), args[0] if args else ""))
+    found, todo = [], [server_pid]
+    while todo:
+        for pid, args in children.get(todo.pop(), []):
+            todo.append(pid)
+            if "ServeReplica" in args:
+                found.append(pid)
+    return found
 
 
 def run(cfg: ReliabilityBenchConfig) -> dict:

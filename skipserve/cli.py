@@ -253,6 +253,43 @@ def _bench_autopilot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_reliability(args: argparse.Namespace) -> int:
+    from benchmarks.reliability import ReliabilityBenchConfig, run
+
+    cfg = ReliabilityBenchConfig(checkpoint=args.checkpoint, data=args.data, overload_s=args.overload_seconds)
+    if args.quick:
+        cfg.bad_repeats, cfg.good_images, cfg.overload_s = 1, 20, 4.0
+    result = run(cfg)
+    print(json.dumps(result, indent=2) if args.json else
+          f"{result['requests']} requests {result['status_counts']}: {result['server_crashes']} server crashes, "
+          f"{result['bad_input_5xx']} 5xx on bad input, {result['wrong_answers']} wrong answers, "
+          f"{result['restarts']} replica(s) killed, back in {result['restart_recovery_s']} s")
+    return 0 if not result["failures"] else 1
+
+
+def _bench_accuracy(args: argparse.Namespace) -> int:
+    from benchmarks.accuracy import AccuracyBenchConfig, run
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cfg = AccuracyBenchConfig(backbone=args.backbone, labels=args.labels or "", data=args.data,
+                              gate_epochs=args.gate_epochs, val_images=args.val_images, run_dir=args.run_dir)
+    if args.gates:
+        cfg.gates = tuple(args.gates.split(","))
+    if args.quick:
+        cfg.gate_epochs, cfg.val_images = 1, cfg.val_images or 500
+    result = run(cfg)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"backbone top-1 {result['backbone_top1']:.4f} on {result['val_images']} validation images")
+        for series in result["series"]:
+            pts = "  ".join(f"{p['flops_ratio']:.2f}:{p['top1']:.3f}" for p in series["points"])
+            print(f"{series['name']:>28}  (FLOPs:top-1) {pts}")
+    return 0
+
+
 def _monitor(args: argparse.Namespace) -> int:
     from serving import monitor
 
@@ -445,6 +482,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-budget", type=float, default=0.25, help="the autopilot's floor (default: 0.25)")
     p.add_argument("--high-concurrency", type=int, default=64, help="clients in the overload phase (default: 64)")
     p.add_argument("--quick", action="store_true", help="short phases (smoke test)")
+    p = benchmark("accuracy", "validation top-1 vs executed FLOPs: every gate kind and rule, random skipping",
+                  _bench_accuracy)
+    p.add_argument("--backbone", default="default-backbone", help="S1 backbone the gates are trained on")
+    p.add_argument("--labels", help="its S3 labels (default: compute them)")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--gates", help="comma-separated gate kinds (default: resnet8,lstm,mlp)")
+    p.add_argument("--gate-epochs", type=int, default=5, help="S4 epochs per gate (default: 5)")
+    p.add_argument("--val-images", type=int, help="first N validation images (default: all)")
+    p.add_argument("--run-dir", default="runs/bench-accuracy", help="where the gates' S4 runs go (resumable)")
+    p.add_argument("--quick", action="store_true", help="1 gate epoch, 500 images (smoke test)")
+    p = benchmark("reliability", "bad input, overload and a killed replica against a real server", _bench_reliability)
+    p.add_argument("--checkpoint", default="default", help="model to serve (default: default)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="good requests come from its validation split")
+    p.add_argument("--overload-seconds", type=float, default=10.0)
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
 
 
 def build_parser() -> argparse.ArgumentParser:

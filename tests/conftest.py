@@ -60,3 +60,21 @@ def image_tar(image_dir, tmp_path_factory):
     return path
 
 
+
+
+@pytest.fixture(scope="session")
+def gated_checkpoint(tmp_path_factory):
+    """A tiny gated model (ResNet-20 + ResNet-8 gate, budget 0.5) over CLASSES, saved once."""
+    from gating.checkpoint import ModelCard
+    from gating.gates import build_gate
+    from gating.model import GatedModel
+    from gating.policies import make_policy
+
+    torch.manual_seed(0)
+    backbone = randomize_bn(build_backbone("resnet20", num_classes=len(CLASSES)))
+    gate = build_gate("resnet8", backbone)
+    card = ModelCard(arch=backbone.spec.to_dict(), class_names=CLASSES, input_size=(3, 32, 32),
+                     mean=(0.45, 0.45, 0.45), std=(0.25, 0.25, 0.25))
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    GatedModel(backbone, gate, make_policy("budget", 0.5), card).save(path)
+    return path

@@ -14,12 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from gating.backbones import build_backbone
-from gating.checkpoint import ModelCard
-from gating.gates import build_gate
 from gating.model import GatedModel
-from gating.policies import make_policy
-from tests.conftest import CLASSES, randomize_bn
+from tests.conftest import CLASSES
 
 httpx = pytest.importorskip("httpx", reason="the serving tests' HTTP client")
 pytest.importorskip("ray.serve", reason="Ray Serve is the server under test")
@@ -27,18 +23,9 @@ from serving.process import ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-MEAN, STD = (0.45, 0.45, 0.45), (0.25, 0.25, 0.25)
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    backbone = randomize_bn(build_backbone("resnet20", num_classes=len(CLASSES)))
-    gate = build_gate("resnet8", backbone)
-    card = ModelCard(arch=backbone.spec.to_dict(), class_names=CLASSES, input_size=(3, 32, 32), mean=MEAN, std=STD)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    GatedModel(backbone, gate, make_policy("budget", 0.5), card).save(path)
-    return path
+def checkpoint(gated_checkpoint):
+    return gated_checkpoint
 
 
 @pytest.fixture(scope="module")

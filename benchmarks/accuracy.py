@@ -1,0 +1,110 @@
+"""``skipserve bench accuracy``: validation top-1 against executed FLOPs, over each rule's knob.
+
+Curves for: every gate kind (trained by S4 on the same backbone and labels), under every
+decision rule over its knob; random skipping (random scores under the budget rule: the same
+per-image skip counts, chosen blindly), the baseline any gate must beat; and optionally the
+shipped model after S5. FLOPs are executed FLOPs per image including the gate (and a second
+pass where an inline gate serves a rule that needs every score), over the full backbone's.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+from benchmarks.common import machine_info
+
+KNOBS = {  # rule -> knob grid (greedy: units skipped; threshold/softmax: alpha; budget: FLOPs fraction)
+    "budget": (0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0),
+    "greedy": (2, 4, 6, 8, 10),
+    "threshold": (-0.3, -0.1, -0.05, -0.02, -0.01, 0.0),
+    "softmax": (0.05, 0.07, 0.09, 0.12),
+}
+
+
+@dataclass
+class AccuracyBenchConfig:
+    backbone: str = "default-backbone"  # the S1 backbone the gates are trained on
+    labels: str = ""  # S3 labels of the backbone on the training split ("" = compute them)
+    data: str = "../shared/data/cifar10-train-jpeg.tar.gz"
+    gates: tuple[str, ...] = ("resnet8", "lstm", "mlp")
+    gate_epochs: int = 5
+    rules: tuple[str, ...] = ("budget", "greedy", "threshold", "softmax")
+    extra_models: dict = field(default_factory=lambda: {"default (after S5)": "default"})
+    val_images: Optional[int] = None  # evaluate on the first N validation images (None = all)
+    run_dir: str = "runs/bench-accuracy"
+
+
+@torch.inference_mode()
+def point(model, x: torch.Tensor, y: torch.Tensor, policy, *, random_scores: bool = False,
+          batch_size: int = 500, seed: int = 0) -> dict:
+    from gating.executor import execute
+
+    g = torch.Generator().manual_seed(seed)
+    correct, flops, units = 0, 0.0, 0.0
+    for s in range(0, len(x), batch_size):
+        xb, yb = x[s:s + batch_size], y[s:s + batch_size]
+        if random_scores:
+            keep = policy.decide(torch.rand(len(xb), model.num_units, generator=g), model.flops)
+            logits, f = execute(model.backbone, xb, keep), model.flops.executed(keep)
+        else:
+            out = model(xb, policy)
+            logits, keep, f = out.logits, out.keep, out.flops
+        correct += (logits.argmax(1) == yb).sum().item()
+        flops += float(f.sum())
+        units += float(keep.sum())
+    n = len(x)
+    return {"knob": policy.knob, "top1": correct / n, "flops_ratio": flops / n / model.flops.full,
+            "units_executed_mean": units / n}
+
+
+def curve(model, x, y, rule: str, **kw) -> list[dict]:
+    from gating.policies import make_policy
+
+    points = []
+    for knob in KNOBS[rule]:
+        if rule == "greedy" and knob > model.num_units:
+            continue
+        points.append(point(model, x, y, make_policy(rule, knob), **kw))
+    return points
+
+
+def run(cfg: AccuracyBenchConfig) -> dict:
+    from gating.model import GatedModel
+    from gating.policies import make_policy
+    from gating.preprocess import normalize
+    from gating.zoo import resolve_checkpoint
+    from training.backbone import BackboneConfig, load_split
+    from training.gate import GateConfig, train_gate
+    from training.labels import LabelConfig, label_dataset, load_labels
+
+    torch.manual_seed(0)
+    base = GatedModel.load(resolve_checkpoint(cfg.backbone))
+    train, val = load_split(BackboneConfig(data=cfg.data))
+    if cfg.val_images:
+        val = val.subset(torch.arange(min(cfg.val_images, len(val))))
+    x, y = normalize(val.images, base.card.mean, base.card.std), val.labels
+    imp = load_labels(cfg.labels, num_images=len(train), num_units=base.num_units) if cfg.labels \
+        else label_dataset(base.backbone, train, LabelConfig())
+    full_top1 = point(base, x, y, make_policy("full"))["top1"]
+    series = []
+    random_model = GatedModel(base.backbone, None, base.policy, base.card)
+    series.append({"name": "random skipping", "gate": None, "rule": "budget",
+                   "points": curve(random_model, x, y, "budget", random_scores=True)})
+    for kind in cfg.gates:
+        t0 = time.perf_counter()
+        model = GatedModel.load(resolve_checkpoint(cfg.backbone))
+        model = train_gate(model, train, imp, GateConfig(kind=kind, epochs=cfg.gate_epochs), f"{cfg.run_dir}/{kind}")
+        model.eval()
+        train_s = time.perf_counter() - t0
+        for rule in cfg.rules:
+            series.append({"name": f"{kind} gate, {rule}", "gate": kind, "rule": rule, "gate_train_s": train_s,
+                           "points": curve(model, x, y, rule)})
+    for label, ckpt in cfg.extra_models.items():
+        model = GatedModel.load(resolve_checkpoint(ckpt))
+        series.append({"name": label, "gate": model.gate.kind if model.gate else None, "rule": "budget",
+                       "points": curve(model, x, y, "budget")})
+    return {"benchmark": "accuracy", "backbone": cfg.backbone, "backbone_top1": full_top1, "val_images": len(val),
+            "series": series, "config": asdict(cfg), "machine": machine_info()}

@@ -1,0 +1,23 @@
+"""`skipserve bench accuracy` on the tiny model and images: every series, finite numbers, honest FLOPs."""
+import math
+
+from benchmarks.accuracy import AccuracyBenchConfig, run
+
+
+def test_accuracy_curves_cover_every_gate_and_rule(gated_checkpoint, image_tar, tmp_path):
+    cfg = AccuracyBenchConfig(backbone=str(gated_checkpoint), data=str(image_tar), gates=("resnet8", "mlp"),
+                              rules=("budget", "threshold"), gate_epochs=1, extra_models={}, run_dir=str(tmp_path))
+    result = run(cfg)
+    names = [s["name"] for s in result["series"]]
+    assert names == ["random skipping", "resnet8 gate, budget", "resnet8 gate, threshold", "mlp gate, budget",
+                     "mlp gate, threshold"]
+    for series in result["series"]:
+        for p in series["points"]:
+            assert 0 <= p["top1"] <= 1 and math.isfinite(p["flops_ratio"]) and p["flops_ratio"] > 0
+    budget = {s["name"]: s["points"] for s in result["series"]}
+    for p in budget["random skipping"]:
+        assert p["flops_ratio"] <= p["knob"] + 1e-9, "random skipping meets each budget, and pays no gate"
+    for p in budget["resnet8 gate, budget"]:
+        assert p["flops_ratio"] > min(p["knob"], 1.0) - 0.35  # the budget, plus the gate's own cost
+    # an inline gate under a rule that needs every score pays a second pass
+    assert budget["mlp gate, budget"][-1]["flops_ratio"] > 1.9
