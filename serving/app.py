@@ -341,10 +341,7 @@ class GatedModelServer:
 
     @api.get("/v2/models/{name}", summary="Model metadata")
     async def model_metadata(self, name: str) -> JSONResponse:
-        try:
-            self._check_model(name)
-        except RequestError as err:
-            return _error(err.status, str(err))
+        self._check_model(name)  # a 404 through the RequestError handler
         h, w = self.engine.input_size
         return JSONResponse({
             "name": self.name, "versions": ["1"], "platform": "pytorch_skipserve",
@@ -359,10 +356,7 @@ class GatedModelServer:
 
     @api.get("/v2/models/{name}/ready", summary="Model readiness")
     async def model_ready(self, name: str) -> JSONResponse:
-        try:
-            self._check_model(name)
-        except RequestError as err:
-            return _error(err.status, str(err))
+        self._check_model(name)  # a 404 through the RequestError handler
         return JSONResponse({"name": self.name, "ready": True})
 
     @api.post("/v2/models/{name}/infer", summary="Inference with JSON tensors (Open Inference Protocol)")

@@ -290,6 +290,15 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_report(args: argparse.Namespace) -> int:
+    from benchmarks.report import ReportConfig, run
+
+    result = run(ReportConfig(out=args.out, checkpoint=args.checkpoint, backbone=args.backbone,
+                              labels=args.labels or "", data=args.data, quick=args.quick))
+    print(json.dumps({"out": args.out, "plots": result["plots"], "finite": result["finite"]}, indent=2))
+    return 0 if result["finite"] else 1
+
+
 def _monitor(args: argparse.Namespace) -> int:
     from serving import monitor
 
@@ -492,6 +501,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-images", type=int, help="first N validation images (default: all)")
     p.add_argument("--run-dir", default="runs/bench-accuracy", help="where the gates' S4 runs go (resumable)")
     p.add_argument("--quick", action="store_true", help="1 gate epoch, 500 images (smoke test)")
+    p = benchmark("report", "every benchmark, with plots: DIR/report.md, DIR/results.json, DIR/*.png", _bench_report)
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--checkpoint", default="default", help="gated model (default: default)")
+    p.add_argument("--backbone", default="default-backbone", help="its S1 backbone (default: default-backbone)")
+    p.add_argument("--labels", help="the backbone's S3 labels (default: compute them)")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--quick", action="store_true", help="reduced repetitions and images (about 10 min)")
     p = benchmark("reliability", "bad input, overload and a killed replica against a real server", _bench_reliability)
     p.add_argument("--checkpoint", default="default", help="model to serve (default: default)")
     p.add_argument("--data", default=DEFAULT_DATA, help="good requests come from its validation split")

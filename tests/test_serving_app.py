@@ -234,6 +234,9 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server, image_di
 def test_openapi_schema_is_served(server):
     schema = httpx.get(server.url + "/openapi.json", timeout=30).json()
     assert {"/v1/predict", "/v2/models/{name}/infer", "/v2/health/ready"} <= set(schema["paths"])
+    for route in ("/v2/models/nope", "/v2/models/nope/ready"):
+        r = httpx.get(server.url + route, timeout=30)
+        assert r.status_code == 404 and "nope" in r.json()["error"]
 
 
 def test_prometheus_scrapes_the_server_and_monitor_shows_the_same_savings(server, image_dir, tmp_path, capsys):
