@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gating.policies import make_policy
 from serving.autopilot import Autopilot, AutopilotConfig
-from serving.images import Limits, RequestError, decode_image_bytes
+from serving.images import Limits, RequestError, declared_size, decode_image_bytes
 from serving.v2 import parse_infer_request
 
 logger = logging.getLogger("ray.serve")
@@ -275,6 +275,15 @@ class GatedModelServer:
         return Result(*(torch.cat([getattr(p, f) for p in parts]) for f in
                         ("probabilities", "units_executed", "keep", "flops")))
 
+    async def _decode(self, data: bytes) -> torch.Tensor:
+        """Small images decode on the event loop (a thread hop costs more); large ones off it."""
+        try:
+            _, w, h = declared_size(data)
+        except RequestError:
+            w = h = 0  # decode_image_bytes raises the same error, with its status
+        args = (data, self.settings.limits, self.engine.input_size)
+        return decode_image_bytes(*args) if w * h <= 256 * 256 else await asyncio.to_thread(decode_image_bytes, *args)
+
     async def _timed(self, route: str, request: HTTPRequest, handler) -> JSONResponse:
         t0 = time.perf_counter()
         try:
@@ -302,7 +311,7 @@ class GatedModelServer:
             rule = self.engine.policy_for(budget=budget, policy=policy, alpha=alpha)
             body = await read_body(request, self.settings.limits.max_body_bytes)
             data = await image_from_request(request, body)
-            pixels = await asyncio.to_thread(decode_image_bytes, data, self.settings.limits, self.engine.input_size)
+            pixels = await self._decode(data)
             out = await self.infer(self.engine.pixels_to_input(pixels[None]), rule)
             probs = out.probabilities[0]
             k = min(top_k, probs.numel())
