@@ -27,6 +27,7 @@ class ServingBenchConfig:
     rounds: int = 2  # gated/full alternations per level
     warmup_s: float = 3.0  # unmeasured load before each level
     images: int = 256  # distinct request images, cycled
+    images_per_request: int = 1  # > 1: Open Inference requests carrying that many JPEGs (BYTES) each
     max_batch_size: int = 32
     batch_wait_ms: float = 5.0
     replicas: int = 1
@@ -43,7 +44,7 @@ def request_images(cfg: ServingBenchConfig) -> list[bytes]:
 
 
 async def closed_loop(url: str, images: list[bytes], concurrency: int, seconds: float,
-                      params: dict, knobs: bool = False) -> dict:
+                      params: dict, knobs: bool = False, content_type: str = "image/jpeg") -> dict:
     """``concurrency`` clients, each one request in flight, for ``seconds``; with ``knobs``, also
     the served policy knob of every answer as (seconds into the run, knob)."""
     import json
@@ -63,7 +64,7 @@ async def closed_loop(url: str, images: list[bytes], concurrency: int, seconds: 
             t0 = time.perf_counter()
             try:
                 async with session.post(url, data=images[i % len(images)], params=params,
-                                        headers={"content-type": "image/jpeg"}) as r:
+                                        headers={"content-type": content_type}) as r:
                     body = await r.read()
                     statuses[r.status] = statuses.get(r.status, 0) + 1
                     if r.status == 200:
@@ -85,6 +86,19 @@ async def closed_loop(url: str, images: list[bytes], concurrency: int, seconds: 
     return {"latencies": latencies, "errors": errors, "seconds": elapsed, "statuses": statuses, "knobs": served}
 
 
+def v2_body(images: list[bytes], n: int, start: int, policy: str | None) -> bytes:
+    """An Open Inference request carrying ``n`` of the JPEGs (BYTES, base64) from ``start``."""
+    import base64
+    import json
+
+    data = [base64.b64encode(images[(start + j) % len(images)]).decode() for j in range(n)]
+    body = {"inputs": [{"name": "input", "datatype": "BYTES", "shape": [n], "data": data}],
+            "outputs": [{"name": "units_executed"}]}
+    if policy is not None:
+        body["parameters"] = {"policy": policy}
+    return json.dumps(body).encode()
+
+
 def summarise(phases: list[dict]) -> dict:
     lat = sorted(x for p in phases for x in p["latencies"])
     seconds = sum(p["seconds"] for p in phases)
@@ -96,6 +110,7 @@ def summarise(phases: list[dict]) -> dict:
 
 def run(cfg: ServingBenchConfig) -> dict:
     from gating.zoo import resolve_checkpoint
+    from serving.app import model_name_for
     from serving.process import ServerProcess
 
     path = resolve_checkpoint(cfg.checkpoint)
@@ -105,15 +120,23 @@ def run(cfg: ServingBenchConfig) -> dict:
             "--replicas", str(cfg.replicas)]
     levels = []
     with ServerProcess(path, *args, log=log) as server:
-        url = server.url + "/v1/predict"
-        sides = {"gated": {}, "full": {"policy": "full"}}
+        if cfg.images_per_request > 1:  # v2 bodies; the full side's ask for policy full
+            url, ctype = server.url + f"/v2/models/{model_name_for(cfg.checkpoint)}/infer", "application/json"
+            sides = {side: [v2_body(images, cfg.images_per_request, k, policy) for k in range(len(images))]
+                     for side, policy in (("gated", None), ("full", "full"))}
+            params = {"gated": {}, "full": {}}
+        else:
+            url, ctype = server.url + "/v1/predict", "image/jpeg"
+            sides = {"gated": images, "full": images}
+            params = {"gated": {}, "full": {"policy": "full"}}
         for c in cfg.concurrency:
-            for params in sides.values():
-                asyncio.run(closed_loop(url, images, c, cfg.warmup_s, params))
+            for side, bodies in sides.items():
+                asyncio.run(closed_loop(url, bodies, c, cfg.warmup_s, params[side], content_type=ctype))
             phases: dict[str, list[dict]] = {k: [] for k in sides}
             for _ in range(cfg.rounds):
-                for side, params in sides.items():
-                    phases[side].append(asyncio.run(closed_loop(url, images, c, cfg.phase_s, params)))
+                for side, bodies in sides.items():
+                    phases[side].append(asyncio.run(closed_loop(url, bodies, c, cfg.phase_s, params[side],
+                                                                content_type=ctype)))
             level = {side: summarise(p) for side, p in phases.items()}
             level["concurrency"] = c
             level["throughput_ratio"] = level["gated"]["throughput_rps"] / level["full"]["throughput_rps"]

@@ -381,7 +381,7 @@ class GatedModelServer:
                                              size=self.engine.input_size, mean=self.engine.mean,
                                              std=self.engine.std)
             wanted = _requested_outputs(payload)
-            rule = self.engine.policy_for(budget=parsed.budget, alpha=parsed.alpha)
+            rule = self.engine.policy_for(budget=parsed.budget, policy=parsed.policy, alpha=parsed.alpha)
             out = await self.infer(parsed.images, rule)
             n, c = out.probabilities.shape
             tensors = {

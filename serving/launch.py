@@ -33,7 +33,7 @@ def serve_main(args: argparse.Namespace, checkpoint: Path) -> int:
     cores = os.cpu_count() or 1
     num_cpus = args.num_cpus or max(1.0, cores / args.replicas)
     settings = {"checkpoint": str(checkpoint), "model_name": args.model_name or model_name_for(args.checkpoint),
-                "threads": args.threads or int(num_cpus), "max_batch_size": args.max_batch_size,
+                "threads": args.threads or max(1, int(num_cpus) - 1), "max_batch_size": args.max_batch_size,
                 "batch_wait_ms": args.batch_wait_ms, "max_queued_images": args.max_queued_images,
                 "slo_p99_ms": args.slo_p99_ms, "min_budget": args.min_budget}
     start_ray(args.address, args.metrics_port)

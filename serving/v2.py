@@ -4,7 +4,8 @@ Accepted input tensors (one per request, JSON data, row-major flat or nested):
 - FP32  [N, 3, H, W]: normalised images (resized to the model's size, bilinear, antialiased);
 - UINT8 [N, H, W, 3]: pixels, normalised here;
 - BYTES [N]: base64-encoded JPEG/PNG/WebP files.
-``parameters`` may carry ``budget`` (0 < b <= 1) or ``alpha`` (the model's rule's knob).
+``parameters`` may carry ``budget`` (0 < b <= 1), or ``alpha`` (the knob of the model's rule, or of
+``policy``: full, greedy, threshold, softmax, budget).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class InferRequest:
     images: torch.Tensor  # (N, 3, H, W) float32, normalised, at the model's input size
     budget: Optional[float]  # per-request compute budget
     alpha: Optional[float]  # per-request knob for the model's rule
+    policy: Optional[str]  # per-request rule (with alpha as its knob), e.g. "full"
     request_id: Optional[str]
     input_name: str
 
@@ -73,6 +75,9 @@ def parse_infer_request(body: Any, *, limits: Limits, size: tuple[int, int], mea
     alpha = _number(params, "alpha", -1e6, 1e6, low_open=False)
     if budget is not None and alpha is not None:
         raise RequestError("give either 'budget' or 'alpha', not both")
+    policy = params.get("policy")
+    if policy is not None and not isinstance(policy, str):
+        raise RequestError(f"parameter 'policy' must be a string, got {policy!r}")
     n = shape[0] if shape else 0
     if n < 1 or n > limits.max_images:
         raise RequestError(f"batch of {n} images; between 1 and {limits.max_images} are accepted",
@@ -122,4 +127,4 @@ def parse_infer_request(body: Any, *, limits: Limits, size: tuple[int, int], mea
     else:
         raise RequestError(f"unsupported datatype {datatype!r}; use FP32, UINT8 or BYTES")
     request_id = body.get("id")
-    return InferRequest(x, budget, alpha, request_id if isinstance(request_id, str) else None, str(name))
+    return InferRequest(x, budget, alpha, policy, request_id if isinstance(request_id, str) else None, str(name))

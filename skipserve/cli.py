@@ -217,7 +217,8 @@ def _bench_serving(args: argparse.Namespace) -> int:
 
     cfg = ServingBenchConfig(checkpoint=args.checkpoint, data=args.data, phase_s=args.seconds, rounds=args.rounds,
                              concurrency=tuple(int(c) for c in args.concurrency.split(",")),
-                             max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
+                             max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                             images_per_request=args.images_per_request)
     if args.quick:
         cfg.phase_s, cfg.rounds, cfg.warmup_s, cfg.images = 3.0, 1, 1.0, 64
     result = run(cfg)
@@ -423,7 +424,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1, help="model replicas (default: 1)")
     p.add_argument("--num-cpus", type=float, help="CPUs reserved per replica (default: cores / replicas)")
-    p.add_argument("--threads", type=int, help="torch threads per replica (default: its CPUs)")
+    p.add_argument("--threads", type=int, help="torch threads per replica (default: its CPUs - 1, at least 1: a "
+                                               "core stays free for the HTTP proxy and event loops)")
     p.add_argument("--max-batch-size", type=int, default=32, help="images per batch (default: 32)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default: 5)")
     p.add_argument("--max-queued-images", type=int, default=256,
@@ -480,6 +482,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=DEFAULT_DATA, help="request images come from its validation split")
     p.add_argument("--concurrency", default="16", help="closed-loop clients, comma-separated levels (default: 16)")
     p.add_argument("--seconds", type=float, default=15.0, help="seconds per measured phase (default: 15)")
+    p.add_argument("--images-per-request", type=int, default=1,
+                   help="> 1: Open Inference requests of that many JPEGs each (default: 1, /v1/predict)")
     p.add_argument("--rounds", type=int, default=2, help="gated/full alternations per level (default: 2)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
