@@ -71,7 +71,7 @@ async def closed_loop(url: str, images: list[bytes], concurrency: int, seconds: 
                         now = time.perf_counter()
                         latencies.append(now - t0)
                         if knobs:
-                            served.append((now - start, json.loads(body)["policy"]["knob"]))
+                            served.append((now - start, served_knob(json.loads(body))))
                     else:
                         errors += 1
             except aiohttp.ClientError:
@@ -84,6 +84,14 @@ async def closed_loop(url: str, images: list[bytes], concurrency: int, seconds: 
         await asyncio.gather(*(client(k, s) for k in range(concurrency)))
     elapsed = time.perf_counter() - start
     return {"latencies": latencies, "errors": errors, "seconds": elapsed, "statuses": statuses, "knobs": served}
+
+
+def served_knob(answer: dict) -> float | None:
+    """The knob an answer was served with: /v1/predict names its policy, a v2 answer in its parameters."""
+    import json
+
+    policy = answer["policy"] if "policy" in answer else json.loads(answer["parameters"]["policy"])
+    return policy["knob"]
 
 
 def v2_body(images: list[bytes], n: int, start: int, policy: str | None) -> bytes:

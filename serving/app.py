@@ -262,9 +262,7 @@ class GatedModelServer:
         from serving.engine import Request, Result
 
         n = images.shape[0]
-        if self._queued + n > self.settings.max_queued_images:
-            raise RequestError(f"overloaded: {self._queued} images queued in this replica (limit "
-                               f"{self.settings.max_queued_images}); retry later", status=503)
+        self._admit(n)
         self._queued += n
         try:
             step = self.settings.max_batch_size
@@ -274,6 +272,13 @@ class GatedModelServer:
             self._queued -= n
         return Result(*(torch.cat([getattr(p, f) for p in parts]) for f in
                         ("probabilities", "units_executed", "keep", "flops")))
+
+    def _admit(self, n: int = 1) -> None:
+        """503 when ``n`` more images would overflow this replica's queue. Checked again before the
+        body is read, so that an overloaded replica spends nothing on requests it will refuse."""
+        if self._queued + n > self.settings.max_queued_images:
+            raise RequestError(f"overloaded: {self._queued} images queued in this replica (limit "
+                               f"{self.settings.max_queued_images}); retry later", status=503)
 
     async def _decode(self, data: bytes) -> torch.Tensor:
         """Small images decode on the event loop (a thread hop costs more); large ones off it."""
@@ -309,6 +314,7 @@ class GatedModelServer:
                       alpha: Optional[float] = Query(None, description="the rule's knob")) -> JSONResponse:
         async def handle(t0: float) -> JSONResponse:
             rule = self.engine.policy_for(budget=budget, policy=policy, alpha=alpha)
+            self._admit()
             body = await read_body(request, self.settings.limits.max_body_bytes)
             data = await image_from_request(request, body)
             pixels = await self._decode(data)
@@ -372,6 +378,7 @@ class GatedModelServer:
     async def v2_infer(self, name: str, request: HTTPRequest) -> JSONResponse:
         async def handle(t0: float) -> JSONResponse:
             self._check_model(name)
+            self._admit()
             body = await read_body(request, self.settings.limits.max_body_bytes)
             try:
                 payload = json.loads(body)

@@ -237,7 +237,8 @@ def _bench_autopilot(args: argparse.Namespace) -> int:
     from benchmarks.autopilot import AutopilotBenchConfig, run
 
     cfg = AutopilotBenchConfig(checkpoint=args.checkpoint, data=args.data, slo_p99_ms=args.slo_p99_ms,
-                               min_budget=args.min_budget, high_concurrency=args.high_concurrency)
+                               min_budget=args.min_budget, high_concurrency=args.high_concurrency,
+                               images_per_request=args.images_per_request)
     if args.quick:
         cfg.low_s, cfg.high_s, cfg.recover_s = 3.0, 6.0, 10.0
     result = run(cfg)
@@ -491,9 +492,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = benchmark("autopilot", "load step low -> overload -> low, SLO autopilot on vs fixed budget", _bench_autopilot)
     p.add_argument("--checkpoint", default="default", help="model to serve (default: default)")
     p.add_argument("--data", default=DEFAULT_DATA, help="request images come from its validation split")
-    p.add_argument("--slo-p99-ms", type=float, default=250.0, help="the SLO (default: 250)")
+    p.add_argument("--slo-p99-ms", type=float, default=400.0, help="the SLO (default: 400)")
     p.add_argument("--min-budget", type=float, default=0.25, help="the autopilot's floor (default: 0.25)")
-    p.add_argument("--high-concurrency", type=int, default=64, help="clients in the overload phase (default: 64)")
+    p.add_argument("--high-concurrency", type=int, default=24, help="clients in the overload phase (default: 24)")
+    p.add_argument("--images-per-request", type=int, default=16,
+                   help="images per request (v2; 1 = /v1/predict) (default: 16)")
     p.add_argument("--quick", action="store_true", help="short phases (smoke test)")
     p = benchmark("accuracy", "validation top-1 vs executed FLOPs: every gate kind and rule, random skipping",
                   _bench_accuracy)
