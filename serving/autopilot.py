@@ -3,7 +3,7 @@
 Every ``interval_s`` the controller looks at the latencies of requests answered since its last
 decision and at the images queued in the replica. Over the SLO (p99 above ``high`` x SLO, or a
 queue longer than ``max_queue`` images) it cuts the budget multiplicatively; comfortably under
-(p99 below ``low`` x SLO and a short queue) it raises it additively, never above the baseline
+(p99 below ``low`` x SLO, queue within ``max_queue``) it raises it additively, never above the baseline
 (the model's own budget) nor below the floor. Multiplicative decrease, additive increase: it
 sheds load fast and gives accuracy back carefully. Requests that name their own knob are left
 alone. Pure logic, no Ray: the replica feeds it and reads ``budget``.
@@ -61,7 +61,7 @@ class Autopilot:
         latency: Optional[float] = p99(window) * 1e3 if len(window) >= cfg.min_samples else None
         if queued_images > cfg.max_queue or (latency is not None and latency > cfg.high * cfg.slo_p99_ms):
             self.budget = max(cfg.min_budget, round(self.budget * cfg.decrease, 3))
-        elif queued_images <= cfg.max_queue // 4 and (latency is None or latency < cfg.low * cfg.slo_p99_ms):
+        elif latency is None or latency < cfg.low * cfg.slo_p99_ms:  # (and the queue is not over max_queue)
             self.budget = min(cfg.baseline, round(self.budget + cfg.increase, 3))
         else:
             with self._lock:  # in the band: keep the budget, and the evidence for the next period

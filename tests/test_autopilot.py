@@ -48,3 +48,12 @@ def test_too_few_samples_do_not_move_the_budget_down():
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         AutopilotConfig(**kwargs)
+
+
+def test_a_busy_but_fast_server_gets_its_budget_back():
+    # regression: 2 clients x 16-image requests keep 32 images queued at low latency; the budget
+    # must still recover (it stayed at the floor when recovery also required a near-empty queue)
+    pilot = Autopilot(AutopilotConfig(slo_p99_ms=300, min_budget=0.25, baseline=0.58, max_queue=64))
+    run(pilot, 500, 10, queued=256)
+    assert pilot.budget == 0.25
+    assert run(pilot, 40, 10, queued=32) == 0.58
