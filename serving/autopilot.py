@@ -21,12 +21,12 @@ class AutopilotConfig:
     slo_p99_ms: float  # the latency target
     min_budget: float  # floor: never serve below this fraction of backbone FLOPs
     baseline: float = 1.0  # ceiling: the budget served when there is no pressure
-    interval_s: float = 0.5  # control period
+    interval_s: float = 0.25  # control period
     min_samples: int = 8  # fewer answered requests than this in a period: latency says nothing yet
     high: float = 0.8  # act on p99 above high x SLO (headroom for the next period's growth)
     low: float = 0.5  # give budget back when p99 is below low x SLO
-    decrease: float = 0.8  # budget x this when over
-    increase: float = 0.05  # budget + this when under
+    decrease: float = 0.7  # budget x this when over: from 0.6 to the floor in about a second
+    increase: float = 0.025  # budget + this when under (about 0.1 a second)
     max_queue: int = 64  # queued images beyond which the budget drops whatever latency says
 
     def __post_init__(self):
