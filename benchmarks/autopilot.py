@@ -21,10 +21,10 @@ from benchmarks.serving import ServingBenchConfig, closed_loop, request_images, 
 class AutopilotBenchConfig:
     checkpoint: str = "default"
     data: str = "../shared/data/cifar10-train-jpeg.tar.gz"
-    slo_p99_ms: float = 400.0  # between the fixed deployment's overload p99 and the floor's
+    slo_p99_ms: float = 350.0  # between the fixed deployment's overload p99 and the floor's (this machine)
     min_budget: float = 0.25
     low_concurrency: int = 2
-    high_concurrency: int = 24  # far past what the fixed budget serves within the SLO here
+    high_concurrency: int = 16  # 8x the low load; x 16 images = the replica queue (256), so no 503s
     low_s: float = 15.0
     high_s: float = 30.0
     recover_s: float = 40.0  # the last low phase: long enough to see the budget come back

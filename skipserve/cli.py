@@ -492,9 +492,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = benchmark("autopilot", "load step low -> overload -> low, SLO autopilot on vs fixed budget", _bench_autopilot)
     p.add_argument("--checkpoint", default="default", help="model to serve (default: default)")
     p.add_argument("--data", default=DEFAULT_DATA, help="request images come from its validation split")
-    p.add_argument("--slo-p99-ms", type=float, default=400.0, help="the SLO (default: 400)")
+    p.add_argument("--slo-p99-ms", type=float, default=350.0, help="the SLO (default: 350)")
     p.add_argument("--min-budget", type=float, default=0.25, help="the autopilot's floor (default: 0.25)")
-    p.add_argument("--high-concurrency", type=int, default=24, help="clients in the overload phase (default: 24)")
+    p.add_argument("--high-concurrency", type=int, default=16, help="clients in the overload phase (default: 16)")
     p.add_argument("--images-per-request", type=int, default=16,
                    help="images per request (v2; 1 = /v1/predict) (default: 16)")
     p.add_argument("--quick", action="store_true", help="short phases (smoke test)")
