@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,6 +29,7 @@ class AutopilotConfig:
     decrease: float = 0.7  # budget x this when over: from 0.6 to the floor in about a second
     increase: float = 0.025  # budget + this when under (about 0.1 a second)
     max_queue: int = 64  # queued images beyond which the budget drops whatever latency says
+    horizon_s: float = 2.0  # latencies older than this are no evidence any more
 
     def __post_init__(self):
         if not self.slo_p99_ms > 0:
@@ -45,25 +47,26 @@ class Autopilot:
     def __init__(self, cfg: AutopilotConfig):
         self.cfg = cfg
         self.budget = cfg.baseline
-        self._latencies: list[float] = []
+        self._latencies: list[tuple[float, float]] = []  # (monotonic time answered, latency s)
         self._lock = threading.Lock()
 
     def observe(self, latency_s: float) -> None:
         """Record one answered request (called from the request path)."""
         with self._lock:
-            self._latencies.append(latency_s)
+            self._latencies.append((time.monotonic(), latency_s))
 
     def step(self, queued_images: int) -> float:
         """One control decision; returns the budget to serve with until the next one."""
+        since = time.monotonic() - self.cfg.horizon_s
         with self._lock:
-            window, self._latencies = self._latencies, []
+            window, self._latencies = [(t, v) for t, v in self._latencies if t >= since], []
         cfg = self.cfg
-        latency: Optional[float] = p99(window) * 1e3 if len(window) >= cfg.min_samples else None
+        latency: Optional[float] = p99([v for _, v in window]) * 1e3 if len(window) >= cfg.min_samples else None
         if queued_images > cfg.max_queue or (latency is not None and latency > cfg.high * cfg.slo_p99_ms):
             self.budget = max(cfg.min_budget, round(self.budget * cfg.decrease, 3))
         elif latency is None or latency < cfg.low * cfg.slo_p99_ms:  # (and the queue is not over max_queue)
             self.budget = min(cfg.baseline, round(self.budget + cfg.increase, 3))
         else:
-            with self._lock:  # in the band: keep the budget, and the evidence for the next period
-                self._latencies = (window + self._latencies)[-4096:]
+            with self._lock:  # in the band: keep the budget, and the recent evidence for the next period
+                self._latencies = window + self._latencies
         return self.budget

@@ -57,3 +57,18 @@ def test_a_busy_but_fast_server_gets_its_budget_back():
     run(pilot, 500, 10, queued=256)
     assert pilot.budget == 0.25
     assert run(pilot, 40, 20, queued=32) == 0.58
+
+
+def test_old_latencies_expire(monkeypatch):
+    # regression: samples kept while in the band outlived the overload and held the budget down
+    import serving.autopilot as ap
+
+    clock = [100.0]
+    monkeypatch.setattr(ap.time, "monotonic", lambda: clock[0])
+    pilot = Autopilot(AutopilotConfig(slo_p99_ms=300, min_budget=0.25, baseline=0.58, horizon_s=2.0))
+    run(pilot, 500, 10)
+    run(pilot, 200, 1, per_period=50)  # in the band (150..240 ms): held, evidence kept
+    held = pilot.budget
+    assert held == 0.25
+    clock[0] += 3.0  # the overload's answers are now older than the horizon
+    assert run(pilot, 40, 1) > held
