@@ -33,7 +33,7 @@ class AccuracyBenchConfig:
     gate_epochs: int = 5
     rules: tuple[str, ...] = ("budget", "greedy", "threshold", "softmax")
     extra_models: dict = field(default_factory=lambda: {"default (after S5)": "default"})
-    val_images: Optional[int] = None  # evaluate on the first N validation images (None = all)
+    val_images: Optional[int] = None  # evaluate on N validation images drawn with seed 0 (None = all)
     run_dir: str = "runs/bench-accuracy"
 
 
@@ -83,8 +83,9 @@ def run(cfg: AccuracyBenchConfig) -> dict:
     torch.manual_seed(0)
     base = GatedModel.load(resolve_checkpoint(cfg.backbone))
     train, val = load_split(BackboneConfig(data=cfg.data))
-    if cfg.val_images:
-        val = val.subset(torch.arange(min(cfg.val_images, len(val))))
+    if cfg.val_images:  # a seeded random subset: the split is sorted by class
+        pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:cfg.val_images]
+        val = val.subset(pick.sort().values)
     x, y = normalize(val.images, base.card.mean, base.card.std), val.labels
     imp = load_labels(cfg.labels, num_images=len(train), num_units=base.num_units) if cfg.labels \
         else label_dataset(base.backbone, train, LabelConfig())

@@ -505,7 +505,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--gates", help="comma-separated gate kinds (default: resnet8,lstm,mlp)")
     p.add_argument("--gate-epochs", type=int, default=5, help="S4 epochs per gate (default: 5)")
-    p.add_argument("--val-images", type=int, help="first N validation images (default: all)")
+    p.add_argument("--val-images", type=int, help="N validation images, drawn with seed 0 (default: all)")
     p.add_argument("--run-dir", default="runs/bench-accuracy", help="where the gates' S4 runs go (resumable)")
     p.add_argument("--quick", action="store_true", help="1 gate epoch, 500 images (smoke test)")
     p = benchmark("report", "every benchmark, with plots: DIR/report.md, DIR/results.json, DIR/*.png", _bench_report)
