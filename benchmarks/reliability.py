@@ -144,23 +144,21 @@ def run(cfg: ReliabilityBenchConfig) -> dict:
     import torch
     from torchvision.io import encode_jpeg
 
-    from gating.model import GatedModel
-    from gating.preprocess import normalize
     from gating.zoo import resolve_checkpoint
     from serving.app import model_name_for
+    from serving.engine import Engine, Request
     from serving.images import Limits, decode_image_bytes
     from serving.process import ServerProcess
     from training.backbone import BackboneConfig, load_split
 
     path = resolve_checkpoint(cfg.checkpoint)
-    model = GatedModel.load(path).for_inference()
+    engine = Engine(path)  # the replica's own inference path, run locally for the expected answers
     name = model_name_for(cfg.checkpoint)
     _, val = load_split(BackboneConfig(data=cfg.data))
     jpegs = [encode_jpeg(val.images[i], quality=100).numpy().tobytes() for i in range(min(cfg.good_images, len(val)))]
-    with torch.inference_mode():  # the answers for what the server will see: the decoded JPEGs
-        seen = torch.stack([decode_image_bytes(j, Limits(), (32, 32)) for j in jpegs])
-        out = model(normalize(seen, model.card.mean, model.card.std))
-    expected = [(int(i), int(u)) for i, u in zip(out.logits.argmax(1), out.units_executed)]
+    seen = torch.stack([decode_image_bytes(j, Limits(), engine.input_size) for j in jpegs])  # what the server sees
+    [out] = engine.run([Request(engine.pixels_to_input(seen), engine.default_policy)])
+    expected = [(int(i), int(u)) for i, u in zip(out.probabilities.argmax(1), out.units_executed)]
     status: Counter = Counter()
     result = {"requests": 0, "bad_input_5xx": 0, "wrong_answers": 0, "server_crashes": 0, "restarts": 0,
               "restart_recovery_s": None, "overload": {}, "failures": []}

@@ -38,8 +38,7 @@ class Engine:
     def __init__(self, checkpoint: str | os.PathLike, *, threads: Optional[int] = None):
         if threads:
             torch.set_num_threads(threads)
-        self.source = GatedModel.load(checkpoint)
-        self.model = self.source.for_inference()
+        self.model = GatedModel.load(checkpoint).for_inference()
         card = self.model.card
         self.class_names: list[str] = list(card.class_names)
         self.input_size: tuple[int, int] = tuple(card.input_size[1:])

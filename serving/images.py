@@ -127,10 +127,6 @@ def decode_image_bytes(data: bytes, limits: Limits, size: tuple[int, int]) -> to
     except Exception as err:  # every decoder failure is the image's fault: a 400 naming it
         first_line = (str(err).splitlines() or [type(err).__name__])[0]
         raise RequestError(f"cannot decode {kind} image: {first_line}") from None
-    if img.dtype == torch.uint16:  # 16-bit PNG
-        img = (img.to(torch.int32) >> 8).to(torch.uint8)
-    if img.dim() == 4:  # an animated image: its first frame
-        img = img[0]
     if tuple(img.shape[-2:]) != (h, w):
         raise RequestError(f"{kind} decoded to {tuple(img.shape[-2:])}, not the declared {h}x{w}")
     return resize_uint8(img, size)

@@ -55,7 +55,8 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
     return out
 
 
-def _sum(values: dict, name: str, **want) -> float:
+def total(values: dict, name: str, **want) -> float:
+    """Sum of the series ``name`` whose labels include ``want``."""
     return sum(v for (n, ls), v in values.items() if n == name and set(want.items()) <= set(ls))
 
 
@@ -87,13 +88,13 @@ def quantile_from_buckets(buckets: dict[str, float], q: float) -> Optional[float
 
 def report_from_scrapes(first: dict, second: dict, seconds: float, source: str) -> Report:
     r = Report(source=source)
-    r.images = _sum(second, "skipserve_images_total")
-    full, executed = _sum(second, "skipserve_flops_full_total"), _sum(second, "skipserve_flops_executed_total")
+    r.images = total(second, "skipserve_images_total")
+    full, executed = total(second, "skipserve_flops_full_total"), total(second, "skipserve_flops_executed_total")
     r.compute_saved = 1 - executed / full if full else None
-    d_full = full - _sum(first, "skipserve_flops_full_total")
-    d_exec = executed - _sum(first, "skipserve_flops_executed_total")
+    d_full = full - total(first, "skipserve_flops_full_total")
+    d_exec = executed - total(first, "skipserve_flops_executed_total")
     r.compute_saved_window = 1 - d_exec / d_full if d_full > 0 else None
-    r.requests_per_s = (_sum(second, "skipserve_requests_total") - _sum(first, "skipserve_requests_total")) / seconds
+    r.requests_per_s = (total(second, "skipserve_requests_total") - total(first, "skipserve_requests_total")) / seconds
     b2, b1 = _by(second, "skipserve_request_latency_seconds_bucket", "le"), \
         _by(first, "skipserve_request_latency_seconds_bucket", "le")
     p99 = quantile_from_buckets({le: c - b1.get(le, 0.0) for le, c in b2.items()}, 0.99)

@@ -19,6 +19,7 @@ from tests.conftest import CLASSES
 
 httpx = pytest.importorskip("httpx", reason="the serving tests' HTTP client")
 pytest.importorskip("ray.serve", reason="Ray Serve is the server under test")
+from serving.monitor import scrape as metric_values, total  # noqa: E402
 from serving.process import ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -42,25 +43,6 @@ def model(checkpoint):
 
 def jpegs(image_dir):
     return sorted((image_dir / "train").glob("*/*.jpg"))
-
-
-def metric_values(url: str) -> dict[tuple, float]:
-    """{(sample name, frozenset of our labels): value} for the skipserve series of an exposition."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(url, timeout=10).text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if "skipserve" in s.name:
-                labels = frozenset((k, v) for k, v in s.labels.items() if k in ("model", "route", "status", "unit"))
-                out[(s.name.removeprefix("ray_"), labels)] = out.get((s.name.removeprefix("ray_"), labels), 0) + s.value
-    return out
-
-
-def total(values: dict, name: str, **labels) -> float:
-    want = set(labels.items())
-    return sum(v for (n, ls), v in values.items() if n == name and want <= set(ls))
 
 
 def test_predictions_equal_skipserve_eval(server, checkpoint, image_dir, capsys):
