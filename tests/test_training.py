@@ -147,8 +147,9 @@ def _tiny_s1(image_dir, **kw):
                           channels_last=False, **kw)
 
 
-def test_killed_backbone_stage_resumes_to_the_same_weights(image_dir, tmp_path, monkeypatch):
-    cfg = _tiny_s1(image_dir)
+@pytest.mark.parametrize("restarts", [[], [1]], ids=["one-cycle", "warm-restart"])
+def test_killed_backbone_stage_resumes_to_the_same_weights(image_dir, tmp_path, monkeypatch, restarts):
+    cfg = _tiny_s1(image_dir, restarts=restarts)
     reference = train_backbone(cfg, tmp_path / "straight")
 
     calls = {"n": 0}
@@ -171,12 +172,72 @@ def test_killed_backbone_stage_resumes_to_the_same_weights(image_dir, tmp_path, 
     assert epochs == [0, 1]
 
 
+def test_warm_restarts_restart_the_cosine_schedule():
+    cfg = BackboneConfig(epochs=10, restarts=[4], lr=0.1, warmup_epochs=1.0)
+    lr = [backbone_stage.lr_at(cfg, step, 10) for step in range(100)]
+    assert lr[0] == pytest.approx(0.01) and lr[9] == pytest.approx(0.1)  # warm-up
+    assert lr[39] < 0.01 and lr[40] == pytest.approx(0.01) and lr[49] == pytest.approx(0.1)  # again at 4
+    assert lr[99] < 0.001 and max(lr[50:]) <= 0.1 + 1e-12
+    assert lr[:40] == [backbone_stage.lr_at(BackboneConfig(epochs=4, lr=0.1), s, 10) for s in range(40)]
+    with pytest.raises(ValueError, match="restarts \\[10\\] must be epochs inside"):
+        train_backbone(BackboneConfig(epochs=10, restarts=[10], data="unused"), "unused")
+
+
 def test_resuming_with_another_config_is_refused(image_dir, tmp_path):
     from training.run import RunError
 
     train_backbone(_tiny_s1(image_dir), tmp_path)
     with pytest.raises(RunError, match="config differs in \\['lr'\\]"):
         train_backbone(_tiny_s1(image_dir, lr=0.5), tmp_path)
+
+
+def test_distillation_loss_mixes_hinton_and_cross_entropy():
+    from training.finetune import train_on_own_paths
+
+    torch.manual_seed(0)
+    backbone = make_backbone("resnet20")
+    model = GatedModel(backbone, build_gate("resnet8", backbone), make_policy("budget", 0.6))
+    teacher = make_backbone("resnet20", seed=1)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    plain = train_on_own_paths(model, x, y)
+    keep = model.decide(x)
+    model.backbone.train()
+    logits = execute(model.backbone, x, keep)
+    assert plain.item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    kl = F.kl_div(F.log_softmax(logits / 2, 1), F.softmax(teacher(x) / 2, 1), reduction="batchmean")
+    mixed = train_on_own_paths(model, x, y, teacher=teacher, distill=0.25, temperature=2.0)
+    assert mixed.item() == pytest.approx((0.75 * F.cross_entropy(logits, y) + 0.25 * 4 * kl).item(), rel=1e-4)
+    only_teacher = [train_on_own_paths(model, x, labels, teacher=teacher, distill=1.0).item()
+                    for labels in (y, (y + 1) % 10)]
+    assert only_teacher[0] == pytest.approx(only_teacher[1])  # labels no longer matter
+
+
+def test_killed_finetune_resumes_to_the_same_weights(image_dir, gated_checkpoint, tmp_path, monkeypatch):
+    import training.finetune as finetune_stage
+    from training.finetune import FinetuneConfig, finetune
+
+    train, _ = split_train_val(load_image_folder(image_dir), val_fraction=0.25, seed=0)
+    path = gated_checkpoint
+    cfg = FinetuneConfig(epochs=2, batch_size=16, distill=0.5, recalibration_images=45)
+    reference = finetune(GatedModel.load(path), train, cfg, tmp_path / "straight")
+
+    calls = {"n": 0}
+    real_augment = finetune_stage.augment
+
+    def dying_augment(images, g, pad=4):
+        calls["n"] += 1
+        if calls["n"] == 5:  # mid-way through the second epoch (3 batches an epoch)
+            raise KeyboardInterrupt("killed")
+        return real_augment(images, g, pad)
+
+    monkeypatch.setattr(finetune_stage, "augment", dying_augment)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(GatedModel.load(path), train, cfg, tmp_path / "killed")
+    monkeypatch.setattr(finetune_stage, "augment", real_augment)
+    resumed = finetune(GatedModel.load(path), train, cfg, tmp_path / "killed")
+    a, b = reference.backbone.state_dict(), resumed.backbone.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["stem.0.weight"], GatedModel.load(path).backbone.state_dict()["stem.0.weight"])
 
 
 def _recipe(tmp_path, image_dir, text=None):

@@ -7,6 +7,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from dataclasses import field
 from typing import Optional
 
 import torch
@@ -18,7 +19,7 @@ from gating.checkpoint import ModelCard
 from gating.model import GatedModel
 from training.data import CIFAR_MEAN, CIFAR_STD, ImageSet, augment, batches, load_image_folder, normalize, \
     split_train_val
-from training.run import RunDir, epoch_generator, pick_device
+from training.run import RunDir, epoch_generator, pick_device, use_bf16
 
 
 @dataclass
@@ -35,22 +36,37 @@ class BackboneConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # "cosine" to zero, or "step" (x0.1 at 50% and 75% of training)
+    restarts: list[int] = field(default_factory=list)  # cosine only: epochs where lr jumps back to its peak
+    # (SGDR warm restarts; each cycle warms up again and starts with fresh momentum)
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     bn_l1: float = 0.0  # L1 penalty on BN gamma (network slimming sparsity training)
     seed: int = 0
     device: str = "auto"  # "auto" = the accelerator when present
     channels_last: bool = True  # faster convolutions on CPU and GPU
+    amp: str = "auto"  # bf16 autocast: "auto" = where the hardware has native bf16 (CUDA, AMX/AVX512-BF16 CPUs)
+    compile: bool = False  # torch.compile the training forward (~40 s to compile, ~1.3x faster steps on CPU)
     init: Optional[str] = None  # start from this checkpoint's backbone (e.g. a pruned one); arch comes from it
     keep_zeros: bool = False  # with init: weights exactly zero there stay zero (magnitude-pruned retraining)
 
 
+def cycle_of(cfg: BackboneConfig, epoch: float) -> tuple[int, int]:
+    """(first, end) epoch of the schedule cycle holding `epoch`; one cycle unless restarts are set."""
+    bounds = [0, *sorted(cfg.restarts), cfg.epochs]
+    for first, end in zip(bounds, bounds[1:]):
+        if epoch < end:
+            return first, end
+    return bounds[-2], bounds[-1]
+
+
 def lr_at(cfg: BackboneConfig, step: int, steps_per_epoch: int) -> float:
     t = step / steps_per_epoch  # epochs done, fractional
+    first, end = cycle_of(cfg, t) if cfg.schedule == "cosine" else (0, cfg.epochs)
+    t -= first
     if t < cfg.warmup_epochs:
         return cfg.lr * (t + 1 / steps_per_epoch) / cfg.warmup_epochs
     if cfg.schedule == "cosine":
-        p = (t - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+        p = (t - cfg.warmup_epochs) / max(end - first - cfg.warmup_epochs, 1e-9)
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(p, 1.0)))
     if cfg.schedule == "step":
         return cfg.lr * (0.1 ** sum(t >= f * cfg.epochs for f in (0.5, 0.75)))
@@ -87,6 +103,8 @@ def bn_l1_subgradient(model: torch.nn.Module, strength: float) -> None:
 def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
     """Train (or resume) S1; returns the path of the backbone checkpoint."""
     cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))  # one run, however the path is spelled
+    if any(not 0 < r < cfg.epochs for r in cfg.restarts) or (cfg.restarts and cfg.schedule != "cosine"):
+        raise ValueError(f"restarts {cfg.restarts} must be epochs inside (0, {cfg.epochs}) of a cosine schedule")
     run = RunDir(run_dir, "backbone")
     run.check_config(cfg)
     device = pick_device(cfg.device)
@@ -116,9 +134,12 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
         start_epoch = int(state["epoch"])
         run.trim_metrics(start_epoch)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    use_amp = device.type == "cuda"
+    use_amp = use_bf16(device, cfg.amp)
+    forward = torch.compile(model) if cfg.compile else model  # state dicts stay those of `model`
 
     for epoch in range(start_epoch, cfg.epochs):
+        if epoch in cfg.restarts:
+            opt.state.clear()  # a warm restart starts with fresh momentum
         model.train()
         g = epoch_generator(cfg.seed, epoch)
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
@@ -130,7 +151,7 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
             x = normalize(augment(train.images[idx], g)).to(device, memory_format=fmt)
             y = train.labels[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(x)
+                logits = forward(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,10 +1,12 @@
 """S5: gate fixed, finetune the backbone so each image runs only its own units; then recalibrate BN."""
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,7 @@ from gating.executor import execute
 from gating.model import GatedModel
 from gating.policies import make_policy
 from training.data import ImageSet, augment, batches, normalize
-from training.run import RunDir, epoch_generator
+from training.run import RunDir, epoch_generator, use_bf16
 
 
 @dataclass
@@ -27,14 +29,31 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     recalibration_images: int = 10_000  # images whose gated paths set the BN running statistics
+    distill: float = 0.0  # weight of distillation from the full-path teacher (0 = plain cross-entropy)
+    temperature: float = 4.0  # softens teacher and student logits for distillation
+    amp: str = "auto"  # bf16 autocast, as in S1
     seed: int = 0
 
 
-def train_on_own_paths(model: GatedModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """One forward through each image's own path (units it skips get no gradient from it); returns the loss."""
-    keep = model.decide(x)
+def train_on_own_paths(model: GatedModel, x: torch.Tensor, y: torch.Tensor, *,
+                       teacher: Optional[torch.nn.Module] = None, distill: float = 0.0,
+                       temperature: float = 4.0) -> torch.Tensor:
+    """One forward through each image's own path (units it skips get no gradient from it); returns the loss.
+
+    With a teacher (the full backbone, every unit run), the loss mixes cross-entropy with
+    Hinton distillation: the gated path learns to reproduce what the full network would say.
+    """
+    with torch.autocast(x.device.type, enabled=False):  # decisions exactly as served, in fp32
+        keep = model.decide(x)
     model.backbone.train()
-    return F.cross_entropy(execute(model.backbone, x, keep), y)
+    logits = execute(model.backbone, x, keep)  # (B, classes)
+    loss = F.cross_entropy(logits, y)
+    if teacher is None or distill == 0:
+        return loss
+    with torch.no_grad():
+        target = F.softmax(teacher(x).float() / temperature, dim=1)
+    soft = F.kl_div(F.log_softmax(logits.float() / temperature, dim=1), target, reduction="batchmean")
+    return (1 - distill) * loss + distill * temperature ** 2 * soft
 
 
 @torch.no_grad()
@@ -60,9 +79,19 @@ def recalibrate_bn(model: GatedModel, data: ImageSet, *, images: int, batch_size
         model.eval()
 
 
-def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: str | Path) -> GatedModel:
+def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: str | Path, *,
+             teacher: Optional[torch.nn.Module] = None) -> GatedModel:
+    """Finetune ``model``'s backbone on its gate's paths. With ``cfg.distill`` > 0 the teacher is
+    ``teacher`` (run in full), or else a frozen copy of the backbone as it enters S5."""
+    if not 0 <= cfg.distill <= 1:
+        raise ValueError(f"distill must be in [0, 1], got {cfg.distill}")
     run = RunDir(run_dir, "finetune")
     run.check_config(cfg)
+    if cfg.distill and teacher is None:
+        teacher = copy.deepcopy(model.backbone)
+    if teacher is not None:
+        teacher = teacher.eval().requires_grad_(False)
+    use_amp = use_bf16(torch.device("cpu"), cfg.amp)
     model.policy = make_policy(cfg.policy, cfg.knob)
     model.gate.requires_grad_(False)
     params = list(model.backbone.parameters())
@@ -85,7 +114,9 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
             for group in opt.param_groups:
                 group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
             x = normalize(augment(train.images[idx], g))
-            loss = train_on_own_paths(model, x, train.labels[idx])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_amp):
+                loss = train_on_own_paths(model, x, train.labels[idx], teacher=teacher, distill=cfg.distill,
+                                          temperature=cfg.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

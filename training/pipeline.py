@@ -129,7 +129,7 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
                 model = train_gate(model, train, imp, recipe.gate, rdir)
                 model.policy = make_policy(recipe.finetune.policy, recipe.finetune.knob)
                 model.save(gated)
-            model = finetune(model, train, recipe.finetune, rdir)
+            model = finetune(model, train, recipe.finetune, rdir, teacher=base.backbone)
             model.card.info = {**model.card.info, "stage": f"S5 round {k}", "recipe": str(recipe_path)}
             model.save(final)
         model = GatedModel.load(final)

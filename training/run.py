@@ -86,5 +86,17 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def use_bf16(device: torch.device, amp: str = "auto") -> bool:
+    """Whether to train under bf16 autocast: "auto" means where the hardware computes bf16 natively
+    (CUDA, or a CPU with AVX512-BF16/AMX, where oneDNN runs bf16 convolutions about 1.9x faster)."""
+    if amp not in ("auto", "on", "off"):
+        raise ValueError(f"amp must be 'auto', 'on' or 'off', not {amp!r}")
+    if amp != "auto":
+        return amp == "on"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
