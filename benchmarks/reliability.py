@@ -2,11 +2,15 @@
 
 Phases, one server:
 1. bad input: every malformed image of ``malformed_corpus`` and every malformed v2 body, repeated;
-   each must get a JSON 4xx (a 5xx is counted in ``bad_input_5xx``);
+   each must get a JSON 4xx (a 5xx is counted in ``bad_input_5xx``); then schemathesis fuzzes every
+   route of the server's own /openapi.json with all its checks (no 5xx, documented status codes and
+   bodies, 405s with Allow), less one: positive_data_acceptance, because an image upload's schema is
+   "any bytes" and a tensor's shape/data agreement and the size limits are rules JSON Schema cannot state;
 2. good input: images whose answers are known from the same model run locally; a different
    label or path is a ``wrong_answer``;
 3. overload: far more concurrent multi-image requests than the replica queues; rejected ones
-   must be 503 and fast, accepted ones right;
+   must be 503 and fast, accepted ones right, and the replicas' resident memory is sampled
+   before, during and after (``memory_mb``: bounded means the peak stays near the baseline);
 4. fault: the replica process is killed (SIGKILL) under load; Ray starts another. We time from
    the kill until the server answers correctly again (``restart_recovery_s``).
 ``server_crashes`` counts the times the server process itself died.
@@ -21,11 +25,14 @@ import os
 import signal
 import struct
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from benchmarks.common import machine_info
 
@@ -119,6 +126,7 @@ class ReliabilityBenchConfig:
     overload_concurrency: int = 64
     overload_images: int = 16  # images per overload request
     overload_s: float = 10.0
+    schemathesis_examples: int = 25  # examples per route and phase; 0 skips the schemathesis phase
     kill: bool = True
     recovery_timeout_s: float = 180.0
 
@@ -137,6 +145,58 @@ def replica_pids(server_pid: int) -> list[int]:
             if "ServeReplica" in args:
                 found.append(pid)
     return found
+
+
+def rss_mb(pids: list[int]) -> float:
+    """Resident memory of these processes together, in MiB (processes gone meanwhile count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total / 1024
+
+
+class MemorySampler(threading.Thread):
+    """Samples the replicas' RSS every ``period`` s until stopped; ``peak`` is the largest sample."""
+
+    def __init__(self, server_pid: int, period: float = 0.2):
+        super().__init__(daemon=True)
+        self.server_pid, self.period, self.peak = server_pid, period, 0.0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.peak = max(self.peak, rss_mb(replica_pids(self.server_pid)))
+            self._stop_event.wait(self.period)
+
+    def stop(self) -> float:
+        self._stop_event.set()
+        self.join()
+        return self.peak
+
+
+def run_schemathesis(base: str, model: str, examples: int, seed: int = 1) -> dict:
+    """Fuzz the live server from its own OpenAPI schema with the schemathesis CLI."""
+    cli = Path(sys.executable).with_name("schemathesis")
+    if not cli.exists():
+        return {"skipped": "schemathesis is not installed (pip install -e '.[dev]')"}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "schemathesis.toml"
+        config.write_text(f'[parameters]\n"path.name" = "{model}"\n')  # the served model, not random names
+        t0 = time.perf_counter()
+        proc = subprocess.run([str(cli), "--config-file", str(config), "run", base + "/openapi.json",
+                               "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+                               "--max-examples", str(examples), "--seed", str(seed), "--request-timeout", "30",
+                               "--no-color"], capture_output=True, text=True, cwd=tmp)
+    out = proc.stdout + proc.stderr
+    cases = [line.strip() for line in out.splitlines() if " generated" in line]
+    failures = [line.strip() for line in out.splitlines() if line.strip().startswith("- ST")]
+    return {"exit_code": proc.returncode, "test_cases": cases[-1] if cases else None, "failures": failures,
+            "seconds": time.perf_counter() - t0, "output_tail": out[-3000:] if proc.returncode else ""}
 
 
 def run(cfg: ReliabilityBenchConfig) -> dict:
@@ -197,13 +257,24 @@ def run(cfg: ReliabilityBenchConfig) -> dict:
             for what, route, body in malformed_v2(name):
                 check(client.post(base + route, content=body, headers={"content-type": "application/json"}),
                       what, False)
+        if cfg.schemathesis_examples:
+            result["schemathesis"] = fuzz = run_schemathesis(base, name, cfg.schemathesis_examples)
+            if fuzz.get("exit_code"):
+                result["failures"].append(f"schemathesis: exit {fuzz['exit_code']}: {fuzz['failures']}")
         result["wrong_answers"] += good_round(client, base)
 
         # overload: v2 requests of several images each, far past the replica's queue
         x = torch.zeros(cfg.overload_images, 3, 32, 32)
         body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
                                        "data": x.flatten().tolist()}]}).encode()
+        before = rss_mb(replica_pids(server.proc.pid))
+        sampler = MemorySampler(server.proc.pid)
+        sampler.start()
         result["overload"] = asyncio.run(_overload(base + f"/v2/models/{name}/infer", body, cfg))
+        peak = sampler.stop()
+        time.sleep(1.0)
+        result["memory_mb"] = {"before": round(before, 1), "peak": round(peak, 1),
+                               "after": round(rss_mb(replica_pids(server.proc.pid)), 1)}
         status.update({int(k): v for k, v in result["overload"]["status_counts"].items()})
         result["requests"] += sum(result["overload"]["status_counts"].values())
         result["wrong_answers"] += good_round(client, base)  # recovered after the storm, answers still right

@@ -19,16 +19,18 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from typing import Any, Optional
 
 import torch
 from fastapi import FastAPI, Query, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gating.policies import make_policy
+from gating.policies import POLICIES, make_policy
 from serving.autopilot import Autopilot, AutopilotConfig
 from serving.images import Limits, RequestError, declared_size, decode_image_bytes
 from serving.v2 import parse_infer_request
@@ -87,8 +89,45 @@ api = FastAPI(title="skipserve", description="Gated residual networks that reall
               version="0.1.0")
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 503 else None
+class ErrorBody(BaseModel):
+    error: str  # what was wrong, and where
+
+
+_ERROR_MEANING = {400: "malformed request: the message says what and where", 404: "no such model",
+                  413: "body or image over the server's limits", 415: "unsupported Content-Type",
+                  503: "queue full or shutting down; retry after the Retry-After seconds"}
+
+
+def _errors(*codes: int) -> dict:
+    """OpenAPI ``responses`` for the JSON errors a route can return."""
+    return {c: {"model": ErrorBody, "description": _ERROR_MEANING[c]} for c in codes}
+
+
+PolicyName = Enum("PolicyName", {name: name for name in POLICIES.names()}, type=str)
+
+_IMAGE_BODY = {"requestBody": {"required": True, "content": {
+    **{t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                       "properties": {"file": {"type": "string", "format": "binary"}}}}}}}
+
+_V2_TENSOR = {"type": "object", "required": ["name", "shape", "datatype", "data"], "properties": {
+    "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+    "datatype": {"type": "string", "enum": ["FP32", "UINT8", "BYTES"]}, "data": {"type": "array"},
+    "parameters": {"type": "object"}}}
+_V2_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"},
+        "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": _V2_TENSOR},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
+                                               "properties": {"name": {"type": "string", "enum": list(OUTPUTS)}}}},
+        "parameters": {"type": "object", "properties": {
+            "budget": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            "policy": {"type": "string", "enum": POLICIES.names()}, "alpha": {"type": "number"}}}}}}}}}
+
+
+def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
+    if status == 503:
+        headers = {**(headers or {}), "Retry-After": "1"}
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -105,7 +144,7 @@ async def _validation_error(request: HTTPRequest, err: RequestValidationError) -
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: HTTPRequest, err: StarletteHTTPException) -> JSONResponse:
-    return _error(err.status_code, str(err.detail))
+    return _error(err.status_code, str(err.detail), err.headers)  # 405 keeps its Allow header
 
 
 async def read_body(request: HTTPRequest, limit: int) -> bytes:
@@ -305,15 +344,16 @@ class GatedModelServer:
         return response
 
     # ------------------------------------------------------------------ routes
-    @api.post("/v1/predict", summary="Classify one image (raw body or multipart file)")
+    @api.post("/v1/predict", summary="Classify one image (raw body or multipart file)",
+              responses=_errors(400, 413, 415, 503), openapi_extra=_IMAGE_BODY)
     async def predict(self, request: HTTPRequest,
                       top_k: int = Query(5, ge=1, description="how many classes to return"),
-                      budget: Optional[float] = Query(None, gt=0, le=1,
-                                                      description="fraction of backbone FLOPs, (0, 1]"),
-                      policy: Optional[str] = Query(None, description="full, greedy, threshold, softmax, budget"),
+                      budget: Optional[float] = Query(None, gt=0, le=1, description="fraction of backbone "
+                                                      "FLOPs, (0, 1]; not together with policy/alpha"),
+                      policy: Optional[PolicyName] = Query(None, description="the rule, with alpha as its knob"),
                       alpha: Optional[float] = Query(None, description="the rule's knob")) -> JSONResponse:
         async def handle(t0: float) -> JSONResponse:
-            rule = self.engine.policy_for(budget=budget, policy=policy, alpha=alpha)
+            rule = self.engine.policy_for(budget=budget, policy=policy and policy.value, alpha=alpha)
             self._admit()
             body = await read_body(request, self.settings.limits.max_body_bytes)
             data = await image_from_request(request, body)
@@ -354,7 +394,7 @@ class GatedModelServer:
         if name != self.name:
             raise RequestError(f"unknown model {name!r}; this server serves {self.name!r}", status=404)
 
-    @api.get("/v2/models/{name}", summary="Model metadata")
+    @api.get("/v2/models/{name}", summary="Model metadata", responses=_errors(404))
     async def model_metadata(self, name: str) -> JSONResponse:
         self._check_model(name)  # a 404 through the RequestError handler
         h, w = self.engine.input_size
@@ -369,12 +409,13 @@ class GatedModelServer:
                            "classes": self.engine.class_names},
         })
 
-    @api.get("/v2/models/{name}/ready", summary="Model readiness")
+    @api.get("/v2/models/{name}/ready", summary="Model readiness", responses=_errors(404))
     async def model_ready(self, name: str) -> JSONResponse:
         self._check_model(name)  # a 404 through the RequestError handler
         return JSONResponse({"name": self.name, "ready": True})
 
-    @api.post("/v2/models/{name}/infer", summary="Inference with JSON tensors (Open Inference Protocol)")
+    @api.post("/v2/models/{name}/infer", summary="Inference with JSON tensors (Open Inference Protocol)",
+              responses=_errors(400, 404, 413, 503), openapi_extra=_V2_BODY)
     async def v2_infer(self, name: str, request: HTTPRequest) -> JSONResponse:
         async def handle(t0: float) -> JSONResponse:
             self._check_model(name)

@@ -258,14 +258,17 @@ def _bench_autopilot(args: argparse.Namespace) -> int:
 def _bench_reliability(args: argparse.Namespace) -> int:
     from benchmarks.reliability import ReliabilityBenchConfig, run
 
-    cfg = ReliabilityBenchConfig(checkpoint=args.checkpoint, data=args.data, overload_s=args.overload_seconds)
+    cfg = ReliabilityBenchConfig(checkpoint=args.checkpoint, data=args.data, overload_s=args.overload_seconds,
+                                 schemathesis_examples=args.schemathesis_examples)
     if args.quick:
         cfg.bad_repeats, cfg.good_images, cfg.overload_s = 1, 20, 4.0
+        cfg.schemathesis_examples = min(cfg.schemathesis_examples, 5)
     result = run(cfg)
     print(json.dumps(result, indent=2) if args.json else
           f"{result['requests']} requests {result['status_counts']}: {result['server_crashes']} server crashes, "
           f"{result['bad_input_5xx']} 5xx on bad input, {result['wrong_answers']} wrong answers, "
-          f"{result['restarts']} replica(s) killed, back in {result['restart_recovery_s']} s")
+          f"{result['restarts']} replica(s) killed, back in {result['restart_recovery_s']} s; "
+          f"replica memory {result['memory_mb']} MiB; schemathesis {result.get('schemathesis', {}).get('test_cases')}")
     return 0 if not result["failures"] else 1
 
 
@@ -519,6 +522,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default="default", help="model to serve (default: default)")
     p.add_argument("--data", default=DEFAULT_DATA, help="good requests come from its validation split")
     p.add_argument("--overload-seconds", type=float, default=10.0)
+    p.add_argument("--schemathesis-examples", type=int, default=25,
+                   help="schemathesis examples per route and phase (0: skip that phase)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
 
 

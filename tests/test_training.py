@@ -172,6 +172,15 @@ def test_killed_backbone_stage_resumes_to_the_same_weights(image_dir, tmp_path, 
     assert epochs == [0, 1]
 
 
+def test_a_record_without_its_state_is_dropped_on_resume(image_dir, tmp_path):
+    from training.run import RunDir
+
+    RunDir(tmp_path, "backbone").log({"epoch": 0, "val_top1": 0.0})  # killed after logging, before saving
+    train_backbone(_tiny_s1(image_dir), tmp_path)
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1] and "train_loss" in records[0]
+
+
 def test_warm_restarts_restart_the_cosine_schedule():
     cfg = BackboneConfig(epochs=10, restarts=[4], lr=0.1, warmup_epochs=1.0)
     lr = [backbone_stage.lr_at(cfg, step, 10) for step in range(100)]
@@ -247,7 +256,7 @@ rounds: 1
 backbone: {{arch: resnet20, data: "{image_dir}", val_fraction: 0.25, epochs: 2, batch_size: 16, channels_last: false}}
 label: {{batch_size: 50}}
 gate: {{kind: resnet8, epochs: 2, batch_size: 16}}
-finetune: {{policy: budget, knob: 0.6, epochs: 1, batch_size: 16, recalibration_images: 45}}
+finetune: {{policy: budget, knob: 0.6, epochs: 1, batch_size: 16, recalibration_images: 45, distill: 0.5}}
 targets: {{min_flops_saved: 0.3, max_top1_drop: 1.0}}
 """)
     return path

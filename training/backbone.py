@@ -132,7 +132,7 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
-        run.trim_metrics(start_epoch)
+    run.trim_metrics(start_epoch)  # records of epochs that will run again
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     use_amp = use_bf16(device, cfg.amp)
     forward = torch.compile(model) if cfg.compile else model  # state dicts stay those of `model`
@@ -170,10 +170,11 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
         val_top1 = evaluate(model, val, device=device)
         record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": correct / seen,
                   "val_top1": val_top1, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        # state before log: a kill in between must not leave a record of an epoch the state lacks
+        run.save_state({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1})
         run.log(record)
         tqdm.write(f"S1 epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} "
                    f"val top-1 {val_top1:.4f} ({record['seconds']:.0f}s)", file=sys.stderr)
-        run.save_state({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1})
 
     model = model.to(memory_format=torch.contiguous_format).cpu()
     card = ModelCard(arch=model.spec.to_dict(), class_names=train.classes, input_size=(3, 32, 32),

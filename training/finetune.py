@@ -87,10 +87,10 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
         raise ValueError(f"distill must be in [0, 1], got {cfg.distill}")
     run = RunDir(run_dir, "finetune")
     run.check_config(cfg)
-    if cfg.distill and teacher is None:
-        teacher = copy.deepcopy(model.backbone)
-    if teacher is not None:
-        teacher = teacher.eval().requires_grad_(False)
+    if cfg.distill:  # a frozen copy: the teacher may be the very module being finetuned
+        teacher = copy.deepcopy(teacher if teacher is not None else model.backbone).eval().requires_grad_(False)
+    else:
+        teacher = None
     use_amp = use_bf16(torch.device("cpu"), cfg.amp)
     model.policy = make_policy(cfg.policy, cfg.knob)
     model.gate.requires_grad_(False)
@@ -104,7 +104,7 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
         model.backbone.load_state_dict(state["backbone"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["epoch"])
-        run.trim_metrics(start)
+    run.trim_metrics(start)  # records of epochs that will run again
     for epoch in range(start, cfg.epochs):
         g = epoch_generator(cfg.seed, epoch)
         t0, loss_sum, seen = time.perf_counter(), 0.0, 0
@@ -122,8 +122,8 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
             opt.step()
             loss_sum += loss.item() * len(idx)
             seen += len(idx)
-        run.log({"epoch": epoch, "train_loss": loss_sum / seen, "seconds": time.perf_counter() - t0})
         run.save_state({"backbone": model.backbone.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1})
+        run.log({"epoch": epoch, "train_loss": loss_sum / seen, "seconds": time.perf_counter() - t0})
     recalibrate_bn(model, train, images=min(cfg.recalibration_images, len(train)), seed=cfg.seed)
     model.gate.requires_grad_(True)
     return model.eval()

@@ -90,7 +90,7 @@ def train_gate(model: GatedModel, train: ImageSet, imp: torch.Tensor, cfg: GateC
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = int(state["epoch"])
-        run.trim_metrics(start)
+    run.trim_metrics(start)  # a kill between an epoch's state and its log line leaves nothing stale
     saving = model.flops.saving().float()
     cost = saving / saving.mean()
     for epoch in range(start, cfg.epochs):
@@ -109,9 +109,9 @@ def train_gate(model: GatedModel, train: ImageSet, imp: torch.Tensor, cfg: GateC
             sched.step()
             total += loss.item() * len(idx)
             seen += len(idx)
-        run.log({"epoch": epoch, "loss": total / seen, "seconds": time.perf_counter() - t0})
         run.save_state({"gate": model.gate.state_dict(), "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(), "epoch": epoch + 1})
+        run.log({"epoch": epoch, "loss": total / seen, "seconds": time.perf_counter() - t0})
     model.gate.eval()
     model.backbone.requires_grad_(True)
     return model

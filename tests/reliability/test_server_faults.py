@@ -11,11 +11,15 @@ pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 def test_server_survives_bad_input_overload_and_a_killed_replica(gated_checkpoint, image_tar):
     result = run(ReliabilityBenchConfig(checkpoint=str(gated_checkpoint), data=str(image_tar), bad_repeats=1,
                                         good_images=6, overload_concurrency=32, overload_images=16,
-                                        overload_s=4.0))
+                                        overload_s=4.0, schemathesis_examples=5))
     assert result["failures"] == []
     assert result["bad_input_5xx"] == 0 and result["wrong_answers"] == 0 and result["server_crashes"] == 0
     overload = result["overload"]["status_counts"]
     assert overload.get("503", 0) > 0 and overload.get("200", 0) > 0, overload
     assert set(overload) <= {"200", "503"}, overload
     assert result["overload"]["rejected_p99_ms"] < 1000, "a rejection must come at once"
+    fuzz = result["schemathesis"]
+    assert fuzz["exit_code"] == 0 and fuzz["failures"] == [] and "generated" in fuzz["test_cases"], fuzz
+    memory = result["memory_mb"]
+    assert 0 < memory["before"] and memory["peak"] < memory["before"] + 512, memory  # queues are bounded
     assert result["restarts"] >= 1 and result["restart_recovery_s"] is not None
