@@ -1,4 +1,5 @@
 """Training stages on tiny models and data: real behaviour, seconds each."""
+import contextlib
 import json
 
 import pytest
@@ -142,6 +143,24 @@ def test_reward_objectives_learn_which_units_pay_for_themselves(objective, tmp_p
     assert (keep * test_imp).sum(1).mean() > (random_keep * test_imp).sum(1).mean() + 1.0
 
 
+@contextlib.contextmanager
+def killed_mid_epoch_two(monkeypatch, stage_module, batch: int = 5):
+    """The stage's ``augment`` raises KeyboardInterrupt at its ``batch``-th call (3 batches an epoch)."""
+    real_augment, calls = stage_module.augment, {"n": 0}
+
+    def dying_augment(images, g, pad=4):
+        calls["n"] += 1
+        if calls["n"] == batch:
+            raise KeyboardInterrupt("killed")
+        return real_augment(images, g, pad)
+
+    monkeypatch.setattr(stage_module, "augment", dying_augment)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(stage_module, "augment", real_augment)
+
+
 def _tiny_s1(image_dir, **kw):
     return BackboneConfig(arch="resnet20", data=str(image_dir), val_fraction=0.25, epochs=2, batch_size=16,
                           channels_last=False, **kw)
@@ -152,19 +171,8 @@ def test_killed_backbone_stage_resumes_to_the_same_weights(image_dir, tmp_path, 
     cfg = _tiny_s1(image_dir, restarts=restarts)
     reference = train_backbone(cfg, tmp_path / "straight")
 
-    calls = {"n": 0}
-    real_augment = backbone_stage.augment
-
-    def dying_augment(images, g, pad=4):
-        calls["n"] += 1
-        if calls["n"] == 5:  # mid-way through the second epoch (3 batches an epoch)
-            raise KeyboardInterrupt("killed")
-        return real_augment(images, g, pad)
-
-    monkeypatch.setattr(backbone_stage, "augment", dying_augment)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), killed_mid_epoch_two(monkeypatch, backbone_stage):
         train_backbone(cfg, tmp_path / "killed")
-    monkeypatch.setattr(backbone_stage, "augment", real_augment)
     resumed = train_backbone(cfg, tmp_path / "killed")
     a, b = GatedModel.load(reference).backbone.state_dict(), GatedModel.load(resumed).backbone.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -230,19 +238,8 @@ def test_killed_finetune_resumes_to_the_same_weights(image_dir, gated_checkpoint
     cfg = FinetuneConfig(epochs=2, batch_size=16, distill=0.5, recalibration_images=45)
     reference = finetune(GatedModel.load(path), train, cfg, tmp_path / "straight")
 
-    calls = {"n": 0}
-    real_augment = finetune_stage.augment
-
-    def dying_augment(images, g, pad=4):
-        calls["n"] += 1
-        if calls["n"] == 5:  # mid-way through the second epoch (3 batches an epoch)
-            raise KeyboardInterrupt("killed")
-        return real_augment(images, g, pad)
-
-    monkeypatch.setattr(finetune_stage, "augment", dying_augment)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), killed_mid_epoch_two(monkeypatch, finetune_stage):
         finetune(GatedModel.load(path), train, cfg, tmp_path / "killed")
-    monkeypatch.setattr(finetune_stage, "augment", real_augment)
     resumed = finetune(GatedModel.load(path), train, cfg, tmp_path / "killed")
     a, b = reference.backbone.state_dict(), resumed.backbone.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
