@@ -273,6 +273,15 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_stages(image_dir, tmp_path
     assert (tmp_path / "run" / "round1" / "model.safetensors").stat().st_mtime_ns == before
 
 
+def test_the_final_model_is_the_best_round_not_the_last():
+    from training.pipeline import best_round
+
+    rounds = [{"round": 1, "top1": 0.83, "flops_saved": 0.43}, {"round": 2, "top1": 0.62, "flops_saved": 0.43},
+              {"round": 3, "top1": 0.90, "flops_saved": 0.10}]
+    assert best_round(rounds, 0.4)["round"] == 1  # round 3 is more accurate but does not save enough
+    assert best_round(rounds, 0.5)["round"] == 3  # none saves enough: the most accurate
+
+
 @pytest.mark.parametrize("text,match", [
     ("rounds: 1\nbogus: 3\n", "unknown key\\(s\\) \\['bogus'\\]"),
     ("gate: {kind: transformer}\n", "unknown kind 'transformer'"),
