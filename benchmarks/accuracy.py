@@ -83,9 +83,8 @@ def run(cfg: AccuracyBenchConfig) -> dict:
     torch.manual_seed(0)
     base = GatedModel.load(resolve_checkpoint(cfg.backbone))
     train, val = load_split(BackboneConfig(data=cfg.data))
-    if cfg.val_images:  # a seeded random subset: the split is sorted by class
-        pick = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:cfg.val_images]
-        val = val.subset(pick.sort().values)
+    if cfg.val_images:
+        val = val.sample(cfg.val_images, seed=0)
     x, y = normalize(val.images, base.card.mean, base.card.std), val.labels
     imp = load_labels(cfg.labels, num_images=len(train), num_units=base.num_units) if cfg.labels \
         else label_dataset(base.backbone, train, LabelConfig())

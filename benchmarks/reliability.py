@@ -148,10 +148,10 @@ def replica_pids(server_pid: int) -> list[int]:
     return found
 
 
-def rss_mb(pids: list[int]) -> float:
-    """Resident memory of these processes together, in MiB (processes gone meanwhile count 0)."""
+def replica_rss_mb(server_pid: int) -> float:
+    """Resident memory of the server's replica processes together, in MiB (one gone meanwhile counts 0)."""
     total = 0
-    for pid in pids:
+    for pid in replica_pids(server_pid):
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -171,7 +171,7 @@ class MemorySampler(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.peak = max(self.peak, rss_mb(replica_pids(self.server_pid)))
+            self.peak = max(self.peak, replica_rss_mb(self.server_pid))
             self._stop_event.wait(self.period)
 
     def stop(self) -> float:
@@ -269,14 +269,14 @@ def run(cfg: ReliabilityBenchConfig) -> dict:
         body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
                                        "data": x.flatten().tolist()}]}).encode()
         # two storms: memory after the second must sit where the first left it (bounded, not leaking)
-        memory = {"before": rss_mb(replica_pids(server.proc.pid)), "peak": 0.0, "after": []}
+        memory = {"before": replica_rss_mb(server.proc.pid), "peak": 0.0, "after": []}
         for _ in range(2):
             sampler = MemorySampler(server.proc.pid)
             sampler.start()
             storm = asyncio.run(_overload(base + f"/v2/models/{name}/infer", body, cfg))
             memory["peak"] = max(memory["peak"], sampler.stop())
             time.sleep(1.0)
-            memory["after"].append(rss_mb(replica_pids(server.proc.pid)))
+            memory["after"].append(replica_rss_mb(server.proc.pid))
             status.update({int(k): v for k, v in storm["status_counts"].items()})
             result["requests"] += sum(storm["status_counts"].values())
             result["overload"] = storm  # the second storm's figures

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gating.policies import POLICIES, make_policy
 from serving.autopilot import Autopilot, AutopilotConfig
 from serving.images import Limits, RequestError, declared_size, decode_image_bytes
-from serving.v2 import parse_infer_request
+from serving.v2 import DATATYPES, parse_infer_request
 
 logger = logging.getLogger("ray.serve")
 
@@ -112,7 +112,7 @@ _IMAGE_BODY = {"requestBody": {"required": True, "content": {
 
 _V2_TENSOR = {"type": "object", "required": ["name", "shape", "datatype", "data"], "properties": {
     "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-    "datatype": {"type": "string", "enum": ["FP32", "UINT8", "BYTES"]}, "data": {"type": "array"},
+    "datatype": {"type": "string", "enum": list(DATATYPES)}, "data": {"type": "array"},
     "parameters": {"type": "object"}}}
 _V2_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "required": ["inputs"], "properties": {

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from gating.preprocess import normalize, resize_uint8
 from serving.images import Limits, RequestError, decode_image_bytes
 
+DATATYPES = ("FP32", "UINT8", "BYTES")  # the input tensor types accepted
+
 
 @dataclass
 class InferRequest:

@@ -5,9 +5,8 @@ import dataclasses
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from dataclasses import field
 from typing import Optional
 
 import torch
@@ -76,9 +75,8 @@ def lr_at(cfg: BackboneConfig, step: int, steps_per_epoch: int) -> float:
 def load_split(cfg) -> tuple[ImageSet, ImageSet]:
     data = load_image_folder(cfg.data)
     train, val = split_train_val(data, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
-    if cfg.limit_train:  # a seeded random subset: the split is sorted by class
-        g = torch.Generator().manual_seed(cfg.split_seed)
-        train = train.subset(torch.randperm(len(train), generator=g)[:cfg.limit_train].sort().values)
+    if cfg.limit_train:
+        train = train.sample(cfg.limit_train, seed=cfg.split_seed)
     return train, val
 
 
@@ -127,12 +125,11 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     start_epoch = 0
-    state = run.load_state()
+    state = run.resume()
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
-    run.trim_metrics(start_epoch)  # records of epochs that will run again
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     use_amp = use_bf16(device, cfg.amp)
     forward = torch.compile(model) if cfg.compile else model  # state dicts stay those of `model`
@@ -170,9 +167,7 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
         val_top1 = evaluate(model, val, device=device)
         record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": correct / seen,
                   "val_top1": val_top1, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-        # state before log: a kill in between must not leave a record of an epoch the state lacks
-        run.save_state({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1})
-        run.log(record)
+        run.end_epoch({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1}, record)
         tqdm.write(f"S1 epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} "
                    f"val top-1 {val_top1:.4f} ({record['seconds']:.0f}s)", file=sys.stderr)
 

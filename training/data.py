@@ -44,6 +44,12 @@ class ImageSet:
     def subset(self, index: torch.Tensor) -> "ImageSet":
         return ImageSet(self.images[index], self.labels[index], self.classes)
 
+    def sample(self, n: int, seed: int = 0) -> "ImageSet":
+        """``n`` images drawn at random with ``seed``, kept in their order (a split is sorted by
+        class, so its first ``n`` would be a few classes only)."""
+        pick = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return self.subset(pick.sort().values)
+
 
 def _split_member(path: str) -> tuple[str, str]:
     """'train/cat/0001.jpg' -> ('train', 'cat'): (prefix above the class, class)."""

@@ -99,12 +99,11 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = max(cfg.epochs * steps_per_epoch, 1)
     start = 0
-    state = run.load_state()
+    state = run.resume()
     if state is not None:
         model.backbone.load_state_dict(state["backbone"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["epoch"])
-    run.trim_metrics(start)  # records of epochs that will run again
     for epoch in range(start, cfg.epochs):
         g = epoch_generator(cfg.seed, epoch)
         t0, loss_sum, seen = time.perf_counter(), 0.0, 0
@@ -122,8 +121,8 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
             opt.step()
             loss_sum += loss.item() * len(idx)
             seen += len(idx)
-        run.save_state({"backbone": model.backbone.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1})
-        run.log({"epoch": epoch, "train_loss": loss_sum / seen, "seconds": time.perf_counter() - t0})
+        run.end_epoch({"backbone": model.backbone.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1},
+                      {"epoch": epoch, "train_loss": loss_sum / seen, "seconds": time.perf_counter() - t0})
     recalibrate_bn(model, train, images=min(cfg.recalibration_images, len(train)), seed=cfg.seed)
     model.gate.requires_grad_(True)
     return model.eval()

@@ -84,13 +84,12 @@ def train_gate(model: GatedModel, train: ImageSet, imp: torch.Tensor, cfg: GateC
     steps = cfg.epochs * ((len(train) + cfg.batch_size - 1) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(steps, 1), pct_start=0.1)
     start = 0
-    state = run.load_state()
+    state = run.resume()
     if state is not None:
         model.gate.load_state_dict(state["gate"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = int(state["epoch"])
-    run.trim_metrics(start)  # a kill between an epoch's state and its log line leaves nothing stale
     saving = model.flops.saving().float()
     cost = saving / saving.mean()
     for epoch in range(start, cfg.epochs):
@@ -109,9 +108,9 @@ def train_gate(model: GatedModel, train: ImageSet, imp: torch.Tensor, cfg: GateC
             sched.step()
             total += loss.item() * len(idx)
             seen += len(idx)
-        run.save_state({"gate": model.gate.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "epoch": epoch + 1})
-        run.log({"epoch": epoch, "loss": total / seen, "seconds": time.perf_counter() - t0})
+        run.end_epoch({"gate": model.gate.state_dict(), "optimizer": opt.state_dict(),
+                       "scheduler": sched.state_dict(), "epoch": epoch + 1},
+                      {"epoch": epoch, "loss": total / seen, "seconds": time.perf_counter() - t0})
     model.gate.eval()
     model.backbone.requires_grad_(True)
     return model

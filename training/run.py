@@ -60,6 +60,17 @@ class RunDir:
         except Exception as err:  # truncated, corrupt, or carrying pickled objects
             raise CheckpointError(self.state_path, f"cannot load run state ({err})") from err
 
+    def resume(self) -> Optional[dict]:
+        """The saved state (None: start afresh), with the records of epochs that will run again dropped."""
+        state = self.load_state()
+        self.trim_metrics(int(state["epoch"]) if state is not None else 0)
+        return state
+
+    def end_epoch(self, state: dict, record: dict) -> None:
+        """Save the state, then log the epoch: a kill in between must not leave a record the state lacks."""
+        self.save_state(state)
+        self.log(record)
+
     def log(self, record: dict) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"stage": self.stage, **record}) + "\n")
