@@ -42,20 +42,61 @@ def _caption(machine: dict, command: str) -> str:
 def plot_accuracy(acc: dict, out: Path) -> str:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    # colour = gate kind, line and marker = decision rule; random skipping black, extra models red
     styles = {"budget": "-o", "greedy": "--s", "threshold": ":^", "softmax": "-.v"}
+    colours = {"resnet8": "tab:blue", "lstm": "tab:orange", "mlp": "tab:green"}
     for s in acc["series"]:
         pts = sorted(s["points"], key=lambda p: p["flops_ratio"])
-        style = "k-x" if s["gate"] is None and s["name"] == "random skipping" else styles.get(s["rule"], "-o")
-        ax.plot([100 * p["flops_ratio"] for p in pts], [100 * p["top1"] for p in pts], style, label=s["name"],
-                markersize=4, linewidth=1.2)
+        if s["gate"] is None:
+            style, colour = "-x", "black"
+        elif s.get("extra") or s["name"] in acc.get("config", {}).get("extra_models", {}):
+            style, colour = "-D", "tab:red"
+        else:
+            style, colour = styles.get(s["rule"], "-o"), colours.get(s["gate"], "tab:purple")
+        ax.plot([100 * p["flops_ratio"] for p in pts], [100 * p["top1"] for p in pts], style, color=colour,
+                label=s["name"], markersize=4, linewidth=1.2)
     ax.axhline(100 * acc["backbone_top1"], color="grey", linewidth=0.8, linestyle="--", label="S1 backbone (full)")
     ax.set_xlabel("executed FLOPs, % of the full backbone (gate included)")
     ax.set_ylabel("validation top-1, %")
     ax.set_title("Accuracy vs compute")
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    # 15 series do not fit inside the axes without hiding curves: the legend goes beside them
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.grid(alpha=0.3)
     return _save(fig, out / "accuracy_vs_flops.png")
+
+
+def random_at(random_points: list[dict], flops_ratio: float) -> float | None:
+    """Top-1 of random skipping at ``flops_ratio``: interpolated on its curve, and beyond its
+    last point the last point's (spending more than the full backbone buys nothing); None
+    below its first point."""
+    pts = sorted((p["flops_ratio"], p["top1"]) for p in random_points)
+    if flops_ratio < pts[0][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if flops_ratio <= x1:
+            return y0 + (y1 - y0) * (flops_ratio - x0) / (x1 - x0) if x1 > x0 else max(y0, y1)
+    return pts[-1][1]
+
+
+def gates_vs_random(acc: dict) -> list[dict]:
+    """Per trained series: at how many of its points random skipping at the same FLOPs is more accurate."""
+    rand = next((s for s in acc["series"] if s["gate"] is None), None)
+    if rand is None:
+        return []
+    rows = []
+    for s in acc["series"]:
+        if s is rand:
+            continue
+        compared = [(p, random_at(rand["points"], p["flops_ratio"])) for p in s["points"]]
+        compared = [(p, r) for p, r in compared if r is not None]
+        beaten = [(p, r) for p, r in compared if r > p["top1"] + 1e-9]  # 1e-9: interpolation round-off
+        worst = max(beaten, key=lambda pr: pr[1] - pr[0]["top1"], default=None)
+        rows.append({"name": s["name"], "points": len(compared), "random_better": len(beaten),
+                     "over_full_cost": sum(p["flops_ratio"] > 1.0 for p, _ in compared),
+                     "worst": None if worst is None else {"flops_ratio": worst[0]["flops_ratio"],
+                                                          "top1": worst[0]["top1"], "random_top1": worst[1]}})
+    return rows
 
 
 def plot_engine(engine: dict, out: Path) -> str:
@@ -84,11 +125,11 @@ def plot_serving(serving: dict, out: Path) -> str:
 
     levels = serving["levels"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for side, style in (("gated", "-o"), ("full", "--s")):
+    for side, style, colour in (("gated", "-o", "tab:blue"), ("full", "--s", "tab:orange")):
         c = [lv["concurrency"] for lv in levels]
-        a1.plot(c, [lv[side]["throughput_rps"] for lv in levels], style, label=f"{side}")
-        a2.plot(c, [lv[side]["p50_ms"] for lv in levels], style, label=f"{side} p50")
-        a2.plot(c, [lv[side]["p99_ms"] for lv in levels], style, alpha=0.5, label=f"{side} p99")
+        a1.plot(c, [lv[side]["throughput_rps"] for lv in levels], style, color=colour, label=side)
+        a2.plot(c, [lv[side]["p50_ms"] for lv in levels], style, color=colour, label=f"{side} p50")
+        a2.plot(c, [lv[side]["p99_ms"] for lv in levels], style, color=colour, alpha=0.4, label=f"{side} p99")
     a1.set_xlabel("offered load (closed-loop clients)")
     a1.set_ylabel("throughput, requests/s")
     a2.set_xlabel("offered load (closed-loop clients)")
@@ -96,7 +137,8 @@ def plot_serving(serving: dict, out: Path) -> str:
     for ax in (a1, a2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Serving over HTTP: gated vs policy full, same batching")
+    per_request = serving.get("config", {}).get("images_per_request", 1)
+    fig.suptitle(f"Serving over HTTP: gated vs policy full, same batching, {per_request} image(s) per request")
     return _save(fig, out / "serving_load.png")
 
 
@@ -160,23 +202,46 @@ def run(cfg: ReportConfig) -> dict:
             checkpoint=cfg.checkpoint, data=cfg.data, concurrency=(2, 8) if q else (1, 4, 16, 32),
             phase_s=3.0 if q else 10.0, rounds=1 if q else 2, warmup_s=1.0 if q else 3.0, images=64 if q else 256))
 
-    machine = results["machine"]
+    return write(results, out)
+
+
+def write(results: dict, out: Path) -> dict:
+    """Plots, ``results.json`` and ``report.md`` from measured ``results``."""
     plots = {"accuracy": plot_accuracy(results["accuracy"], out), "engine": plot_engine(results["engine"], out),
              "profile": plot_profile(results["profile"], out)}
     if "serving" in results:
         plots["serving"] = plot_serving(results["serving"], out)
     results["plots"] = plots
     results["finite"] = _finite(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "report.md").write_text(render(results, _caption(machine, command)))
+    _atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
+    _atomic_write(out / "report.md", render(results, _caption(results["machine"], results["command"])))
     return results
+
+
+def replot(out: str | Path) -> dict:
+    """Redraw the plots and ``report.md`` of an earlier run from its ``results.json``, measuring nothing."""
+    out = Path(out)
+    path = out / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results.json to replot; run `skipserve bench report --out {out}` first")
+    results = json.loads(path.read_text())
+    results["replotted_at_commit"] = machine_info()["commit"]
+    return write(results, out)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def render(r: dict, caption: str) -> str:
     acc, eng, lab, prof = r["accuracy"], r["engine"], r["labels"], r["profile"]
     lines = [f"# skipserve benchmark report{' (quick)' if r['quick'] else ''}", "",
              f"Machine and provenance: {caption}.", "",
-             "Regenerate with the command above; nothing here is edited by hand.", "",
+             "Regenerate with the command above; nothing here is edited by hand."
+             + (f" Plots and text redrawn from results.json by commit {r['replotted_at_commit']} "
+                "(`--replot`: nothing re-measured)." if r.get("replotted_at_commit") else ""), "",
              "## Accuracy vs executed FLOPs (validation split)", "",
              f"![accuracy vs FLOPs]({r['plots']['accuracy']})", "",
              f"S1 backbone top-1 {acc['backbone_top1']:.4f} on {acc['val_images']} validation images. Gates trained "
@@ -187,6 +252,7 @@ def render(r: dict, caption: str) -> str:
         pts = ", ".join(f"{100 * p['flops_ratio']:.0f}:{100 * p['top1']:.1f}"
                         for p in sorted(s["points"], key=lambda p: p["flops_ratio"]))
         lines.append(f"| {s['name']} | {pts} |")
+    lines += ["", *_random_sentences(acc)]
     lines += ["", "## Measured time vs FLOPs-ideal time (gated executor, masked execution)", "",
               f"![engine]({r['plots']['engine']})", "",
               "| batch | skip | full ms | gated ms | masked ms | speedup | ideal | efficiency |",
@@ -211,3 +277,30 @@ def render(r: dict, caption: str) -> str:
               f"speedup {lab['speedup']:.2f}x, max |difference| {lab['max_abs_diff']:.1e}.", ""]
     return "\n".join(lines)
 
+
+
+def _random_sentences(acc: dict) -> list[str]:
+    """Where the random-skip baseline is more accurate than a trained series at the same FLOPs, said plainly."""
+    rows = gates_vs_random(acc)
+    if not rows:
+        return []
+    bad = [r for r in rows if r["random_better"]]
+    if not bad:
+        return [f"Random skipping is below every trained series at every compared FLOPs point ({len(rows)} series)."]
+    lines = ["Where random skipping is *more* accurate at the same executed FLOPs (its curve interpolated; "
+             "beyond 100 % FLOPs its 100 % point, since running the whole backbone costs less):", ""]
+    for r in bad:
+        w = r["worst"]
+        extra = (f"; {r['over_full_cost']} of its points cost more than the full backbone" if r["over_full_cost"] else "")
+        lines.append(f"- {r['name']}: {r['random_better']} of {r['points']} points, worst at "
+                     f"{100 * w['flops_ratio']:.0f} % FLOPs ({100 * w['top1']:.1f} % vs random "
+                     f"{100 * w['random_top1']:.1f} %){extra}.")
+    good = [r["name"] for r in rows if not r["random_better"]]
+    if good:
+        lines += ["", f"Above random at every compared point: {', '.join(good)}."]
+    if any(r["over_full_cost"] for r in bad):
+        lines += ["", "Inline gates (lstm, mlp) score unit i from unit i's input, so a rule that needs every score "
+                      "before deciding (budget, greedy, softmax) runs a full pass to collect them and a second pass "
+                      "to execute: over 100 % FLOPs. Use them with the online threshold rule, or use the upfront "
+                      "resnet8 gate."]
+    return lines

@@ -296,8 +296,12 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
 
 
 def _bench_report(args: argparse.Namespace) -> int:
-    from benchmarks.report import ReportConfig, run
+    from benchmarks.report import ReportConfig, replot, run
 
+    if args.replot:
+        result = replot(args.out)
+        print(json.dumps({"out": args.out, "plots": result["plots"], "finite": result["finite"]}, indent=2))
+        return 0 if result["finite"] else 1
     result = run(ReportConfig(out=args.out, checkpoint=args.checkpoint, backbone=args.backbone,
                               labels=args.labels or "", data=args.data, quick=args.quick))
     print(json.dumps({"out": args.out, "plots": result["plots"], "finite": result["finite"]}, indent=2))
@@ -518,6 +522,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", help="the backbone's S3 labels (default: compute them)")
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--quick", action="store_true", help="reduced repetitions and images (about 10 min)")
+    p.add_argument("--replot", action="store_true",
+                   help="redraw plots and report.md from DIR/results.json of an earlier run, measuring nothing")
     p = benchmark("reliability", "bad input, overload and a killed replica against a real server", _bench_reliability)
     p.add_argument("--checkpoint", default="default", help="model to serve (default: default)")
     p.add_argument("--data", default=DEFAULT_DATA, help="good requests come from its validation split")
