@@ -31,6 +31,7 @@ class ServingBenchConfig:
     max_batch_size: int = 32
     batch_wait_ms: float = 5.0
     replicas: int = 1
+    direct: bool = False  # send to the replica's own HTTP server (serve --direct-port), not through Ray's proxy
     log: str = ""  # server log file; "" = a temporary file
 
 
@@ -127,14 +128,15 @@ def run(cfg: ServingBenchConfig) -> dict:
     args = ["--max-batch-size", str(cfg.max_batch_size), "--batch-wait-ms", str(cfg.batch_wait_ms),
             "--replicas", str(cfg.replicas)]
     levels = []
-    with ServerProcess(path, *args, log=log) as server:
+    with ServerProcess(path, *args, log=log, direct=cfg.direct) as server:
+        base = server.direct_url if cfg.direct else server.url
         if cfg.images_per_request > 1:  # v2 bodies; the full side's ask for policy full
-            url, ctype = server.url + f"/v2/models/{model_name_for(cfg.checkpoint)}/infer", "application/json"
+            url, ctype = base + f"/v2/models/{model_name_for(cfg.checkpoint)}/infer", "application/json"
             sides = {side: [v2_body(images, cfg.images_per_request, k, policy) for k in range(len(images))]
                      for side, policy in (("gated", None), ("full", "full"))}
             params = {"gated": {}, "full": {}}
         else:
-            url, ctype = server.url + "/v1/predict", "image/jpeg"
+            url, ctype = base + "/v1/predict", "image/jpeg"
             sides = {"gated": images, "full": images}
             params = {"gated": {}, "full": {"policy": "full"}}
         for c in cfg.concurrency:

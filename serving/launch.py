@@ -25,7 +25,25 @@ def start_ray(address: Optional[str], metrics_port: int, report_interval_ms: int
              _system_config={"metrics_report_interval_ms": report_interval_ms})
 
 
+def enable_direct_ingress(port: int) -> None:
+    """Ray Serve's direct ingress: the replica runs its own HTTP server on ``port``, so a request
+    skips the proxy actor and the replica's actor calls back to it for the body. Ray reads these
+    variables when its processes start, so they must be set before Ray is."""
+    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port)
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1)  # an exclusive bound
+
+
 def serve_main(args: argparse.Namespace, checkpoint: Path) -> int:
+    direct_port = getattr(args, "direct_port", 0)
+    if direct_port:
+        if args.replicas != 1 or args.address:
+            raise ValueError("--direct-port needs one replica on a Ray instance this command starts "
+                             f"(got --replicas {args.replicas}{', --address' if args.address else ''}): "
+                             "each replica would need its own port and a balancer in front")
+        if direct_port == args.port:
+            raise ValueError(f"--direct-port {direct_port} must differ from --port (the proxy keeps that one)")
+        enable_direct_ingress(direct_port)
     from ray import serve
 
     from serving.app import build_app, model_name_for
@@ -41,7 +59,9 @@ def serve_main(args: argparse.Namespace, checkpoint: Path) -> int:
     serve.run(build_app(settings, num_replicas=args.replicas, num_cpus=num_cpus), name=APP_NAME, route_prefix="/")
     where = "the cluster's metrics port" if args.address else f"http://127.0.0.1:{args.metrics_port}/metrics"
     autopilot = f"; SLO autopilot p99 <= {args.slo_p99_ms:g} ms, budget >= {args.min_budget:g}" if args.slo_p99_ms else ""
-    print(f"skipserve: serving {settings['model_name']!r} ({checkpoint}) on http://{args.host}:{args.port}{autopilot} "
+    direct = f" and, without the proxy hop, http://{args.host}:{direct_port}" if direct_port else ""
+    print(f"skipserve: serving {settings['model_name']!r} ({checkpoint}) on http://{args.host}:{args.port}{direct}"
+          f"{autopilot} "
           f"with {args.replicas} replica(s) x {settings['threads']} thread(s); metrics at {where}; "
           "Ctrl-C stops", file=sys.stderr, flush=True)
     stop = threading.Event()

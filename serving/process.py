@@ -19,6 +19,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 class ServerProcess:
     """``with ServerProcess(checkpoint) as server:`` starts a server on free loopback ports and stops it.
 
@@ -27,12 +35,18 @@ class ServerProcess:
     """
 
     def __init__(self, checkpoint: str | os.PathLike, *args: str, log: Optional[str | os.PathLike] = None,
-                 start_timeout_s: float = 300.0, env: Optional[dict] = None):
+                 start_timeout_s: float = 300.0, env: Optional[dict] = None, direct: bool = False):
         self.port, self.metrics_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.cmd = [sys.executable, "-m", "skipserve", "serve", "--checkpoint", str(checkpoint),
                     "--port", str(self.port), "--metrics-port", str(self.metrics_port), *args]
+        # direct: the replica's own HTTP server too (``--direct-port``), at ``direct_url``
+        self.direct_url: Optional[str] = None
+        if direct:
+            direct_port = free_port()
+            self.direct_url = f"http://127.0.0.1:{direct_port}"
+            self.cmd += ["--direct-port", str(direct_port)]
         self.log_path = Path(log) if log else Path(os.devnull)
         self.start_timeout_s = start_timeout_s
         self.env = {**os.environ, **(env or {})}
@@ -56,11 +70,7 @@ class ServerProcess:
         raise TimeoutError(f"skipserve serve was not ready within {self.start_timeout_s:.0f}s; see {self.log_path}")
 
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return all(_ready(url) for url in (self.url, self.direct_url) if url)
 
     def stop(self, timeout_s: float = 60.0) -> None:
         if self.proc is not None and self.proc.poll() is None:

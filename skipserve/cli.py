@@ -218,7 +218,7 @@ def _bench_serving(args: argparse.Namespace) -> int:
     cfg = ServingBenchConfig(checkpoint=args.checkpoint, data=args.data, phase_s=args.seconds, rounds=args.rounds,
                              concurrency=tuple(int(c) for c in args.concurrency.split(",")),
                              max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                             images_per_request=args.images_per_request)
+                             images_per_request=args.images_per_request, direct=args.direct)
     if args.quick:
         cfg.phase_s, cfg.rounds, cfg.warmup_s, cfg.images = 3.0, 1, 1.0, 64
     result = run(cfg)
@@ -430,6 +430,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default="default", help="checkpoint path or shipped name (default: default)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--direct-port", type=int, default=0,
+                   help="also serve HTTP from the replica itself on this port, skipping Ray's proxy hop (Ray "
+                        "Serve's direct ingress; one replica, local Ray only; default 0: off)")
     p.add_argument("--replicas", type=int, default=1, help="model replicas (default: 1)")
     p.add_argument("--num-cpus", type=float, help="CPUs reserved per replica (default: cores / replicas)")
     p.add_argument("--threads", type=int, help="torch threads per replica (default: its CPUs - 1, at least 1: a "
@@ -495,6 +498,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=2, help="gated/full alternations per level (default: 2)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--direct", action="store_true",
+                   help="load the replica's own HTTP server (serve --direct-port) instead of Ray's proxy")
     p.add_argument("--quick", action="store_true", help="short phases (smoke test)")
     p = benchmark("autopilot", "load step low -> overload -> low, SLO autopilot on vs fixed budget", _bench_autopilot)
     p.add_argument("--checkpoint", default="default", help="model to serve (default: default)")

@@ -32,7 +32,8 @@ def checkpoint(gated_checkpoint):
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with ServerProcess(checkpoint, "--batch-wait-ms", "2", "--max-batch-size", "16", log=log) as s:
+    # direct: the replica's own HTTP port as well (--direct-port); every other test uses the proxy's
+    with ServerProcess(checkpoint, "--batch-wait-ms", "2", "--max-batch-size", "16", log=log, direct=True) as s:
         yield s
 
 
@@ -211,6 +212,40 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server, image_di
     assert r.status_code == status, (what, r.status_code, r.text)
     assert isinstance(r.json().get("error"), str) and r.json()["error"], r.text
     assert httpx.post(server.url + "/v1/predict", content=good, timeout=60).status_code == 200
+
+
+def test_direct_port_answers_like_the_proxy_and_is_counted(server, image_dir):
+    before = settled_metrics(server.metrics_url)
+    paths = jpegs(image_dir)[:4]
+    for path in paths:
+        answers = [httpx.post(url + "/v1/predict", content=path.read_bytes(), timeout=60)
+                   for url in (server.url, server.direct_url)]
+        assert [a.status_code for a in answers] == [200, 200], answers[1].text
+        proxy, direct = (a.json() for a in answers)
+        assert direct["label"] == proxy["label"] and direct["units_executed"] == proxy["units_executed"]
+        assert [s["probability"] for s in direct["scores"]] == pytest.approx(
+            [s["probability"] for s in proxy["scores"]], abs=1e-6)
+    bad = [httpx.post(url + "/v1/predict", content=b"not an image", headers={"content-type": "image/jpeg"},
+                      timeout=60) for url in (server.url, server.direct_url)]
+    assert bad[1].status_code == bad[0].status_code == 415  # same app, same JSON errors
+    assert bad[1].json() == bad[0].json() and "error" in bad[1].json()
+    deadline = time.monotonic() + 60
+    while True:
+        requests = (total(metric_values(server.metrics_url), "skipserve_requests_total", route="/v1/predict",
+                          status="200") - total(before, "skipserve_requests_total", route="/v1/predict", status="200"))
+        if requests == 2 * len(paths) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert requests == 2 * len(paths)  # both ways in are counted
+
+
+def test_direct_port_refuses_what_it_cannot_serve(checkpoint, capsys):
+    from skipserve.cli import main
+
+    assert main(["serve", "--checkpoint", str(checkpoint), "--direct-port", "8001", "--replicas", "2"]) == 2
+    assert "--direct-port needs one replica" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(checkpoint), "--direct-port", "8000", "--port", "8000"]) == 2
+    assert "must differ from --port" in capsys.readouterr().err
 
 
 def test_openapi_schema_is_served(server):
