@@ -65,12 +65,15 @@ class GatedModel(nn.Module):
         return self.backbone.num_units
 
     def for_inference(self) -> "GatedModel":
-        """A copy with BN folded into the convolutions: same outputs and FLOPs, less time.
+        """A copy with BN folded into the convolutions and weights in channels-last layout: same
+        outputs (to float round-off) and FLOPs, less time. Channels-last measured on the 2-core
+        Xeon, default model, batch 32: gated 21.4 -> 17.3 ms, full 36.6 -> 24.8 ms.
 
         The copy cannot be trained or saved (it has no BN); keep the original for that.
         """
         gate = None if self.gate is None else fuse_bn(self.gate)
         fused = GatedModel(fuse_bn(self.backbone), gate, self.policy, self.card).eval()
+        fused.to(memory_format=torch.channels_last)
         fused.inference_only = True
         return fused
 
@@ -79,6 +82,8 @@ class GatedModel(nn.Module):
                 execution: Execution = "skip") -> GatedOutput:
         """Gated forward pass of ``x`` (B, 3, H, W), normalised."""
         policy = policy or self.policy
+        if getattr(self, "inference_only", False):
+            x = x.contiguous(memory_format=torch.channels_last)
         b = x.shape[0]
         if not policy.needs_scores:
             keep = torch.ones(b, self.num_units, dtype=torch.bool)

@@ -172,3 +172,19 @@ def test_inference_copy_with_folded_bn_gives_same_outputs_and_flops(arch, kind):
     assert torch.allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="folded"):
         fast.save("unused.safetensors")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_channels_last_units_keep_their_layout_and_their_numbers(grad):
+    from gating.executor import run_unit
+
+    backbone = randomize_bn(make_backbone("resnet20")).eval()
+    unit = backbone.units[3]  # the first down-sampling unit: a shortcut that pads channels
+    x = torch.relu(torch.randn(5, unit.in_channels, 32, 32))
+    keep = [True, False, True, True, False]
+    with torch.set_grad_enabled(grad):
+        reference = run_unit(unit, x.clone(), keep)
+        unit_cl = unit.to(memory_format=torch.channels_last)
+        out = run_unit(unit_cl, x.clone().contiguous(memory_format=torch.channels_last), keep)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, reference, rtol=1e-5, atol=1e-5)
