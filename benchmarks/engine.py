@@ -29,6 +29,7 @@ class EngineBenchConfig:
     repeats_large: int = 12
     seed: int = 0
     fuse_bn: bool = True  # time the inference configuration: BN folded into convs (all modes alike)
+    channels_last: bool = True  # the layout served inference uses (GatedModel.for_inference), all modes alike
 
 
 def random_keep(batch: int, n: int, skip: int, g: torch.Generator) -> torch.Tensor:
@@ -45,11 +46,13 @@ def run(cfg: EngineBenchConfig) -> dict:
     backbone = build_backbone(cfg.arch).eval()
     if cfg.fuse_bn:
         backbone = fuse_bn(backbone)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    backbone = backbone.to(memory_format=layout)
     profile = profile_backbone(backbone)
     n = backbone.num_units
     results = []
     for batch in cfg.batches:
-        x = torch.randn(batch, *backbone.input_size, generator=g)
+        x = torch.randn(batch, *backbone.input_size, generator=g).contiguous(memory_format=layout)
         repeats = cfg.repeats_b1 if batch == 1 else cfg.repeats_large
         for fraction in cfg.skip_fractions:
             draws = [random_keep(batch, n, round(fraction * n), g) for _ in range(cfg.draws)]
@@ -76,5 +79,6 @@ def run(cfg: EngineBenchConfig) -> dict:
                 "efficiency": round(speedup * flops_ratio, 3),
                 "masked_speedup": round(ms["full"] / ms["masked"], 3),
             })
-    return {"benchmark": "engine", "arch": cfg.arch, "units": n, "fuse_bn": cfg.fuse_bn, "full_flops": profile.full,
+    return {"benchmark": "engine", "arch": cfg.arch, "units": n, "fuse_bn": cfg.fuse_bn,
+            "channels_last": cfg.channels_last, "full_flops": profile.full,
             "machine": machine_info(), "results": results}

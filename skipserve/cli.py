@@ -11,7 +11,7 @@ from typing import Callable, Optional
 def _bench_engine(args: argparse.Namespace) -> int:
     from benchmarks.engine import EngineBenchConfig, run
 
-    cfg = EngineBenchConfig(arch=args.arch, threads=args.threads)
+    cfg = EngineBenchConfig(arch=args.arch, threads=args.threads, channels_last=not args.default_layout)
     if args.quick:
         cfg.repeats_b1, cfg.repeats_large, cfg.draws = 10, 3, 2
     result = run(cfg)
@@ -476,6 +476,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
     p = benchmark("engine", "wall-clock of full vs gated vs masked execution", _bench_engine)
     p.add_argument("--arch", default="resnet56", help="backbone (default: resnet56)")
+    p.add_argument("--default-layout", action="store_true",
+                   help="time NCHW tensors instead of the channels-last layout inference runs in")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     p = benchmark("labels", "importance labels: naive vs cached, time and agreement", _bench_labels)
     p.add_argument("--checkpoint", default="default-backbone", help="backbone (default: default-backbone)")

@@ -57,6 +57,7 @@ def test_bench_engine_json_shape():
     out = subprocess.run([sys.executable, "-m", "skipserve", "bench", "engine", "--arch", "resnet20", "--quick",
                           "--json", "--threads", "1"], capture_output=True, text=True, check=True).stdout
     result = json.loads(out)
+    assert result["channels_last"] is True  # timed in the layout inference runs in
     rows = result["results"]
     assert {(r["batch"], r["skip_fraction"]) for r in rows} == {(b, f) for b in (1, 64) for f in (0.25, 0.5, 0.75)}
     for r in rows:
