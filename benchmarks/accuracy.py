@@ -104,7 +104,7 @@ def run(cfg: AccuracyBenchConfig) -> dict:
                            "points": curve(model, x, y, rule)})
     for label, ckpt in cfg.extra_models.items():
         model = GatedModel.load(resolve_checkpoint(ckpt))
-        series.append({"name": label, "gate": model.gate.kind if model.gate else None, "rule": "budget", "extra": True,
+        series.append({"name": label, "gate": model.gate.kind if model.gate else None, "rule": "budget",
                        "points": curve(model, x, y, "budget")})
     return {"benchmark": "accuracy", "backbone": cfg.backbone, "backbone_top1": full_top1, "val_images": len(val),
             "series": series, "config": asdict(cfg), "machine": machine_info()}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import machine_info
+from gating.checkpoint import atomic_write_text
 
 
 @dataclass
@@ -50,7 +51,7 @@ def plot_accuracy(acc: dict, out: Path) -> str:
         pts = sorted(s["points"], key=lambda p: p["flops_ratio"])
         if s["gate"] is None:
             style, colour = "-x", "black"
-        elif s.get("extra") or s["name"] in acc.get("config", {}).get("extra_models", {}):
+        elif s["name"] in acc.get("config", {}).get("extra_models", {}):
             style, colour = "-D", "tab:red"
         else:
             style, colour = styles.get(s["rule"], "-o"), colours.get(s["gate"], "tab:purple")
@@ -213,8 +214,8 @@ def write(results: dict, out: Path) -> dict:
         plots["serving"] = plot_serving(results["serving"], out)
     results["plots"] = plots
     results["finite"] = _finite(results)
-    _atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
-    _atomic_write(out / "report.md", render(results, _caption(results["machine"], results["command"])))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "report.md", render(results, _caption(results["machine"], results["command"])))
     return results
 
 
@@ -227,12 +228,6 @@ def replot(out: str | Path) -> dict:
     results = json.loads(path.read_text())
     results["replotted_at_commit"] = machine_info()["commit"]
     return write(results, out)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def render(r: dict, caption: str) -> str:
@@ -276,7 +271,6 @@ def render(r: dict, caption: str) -> str:
               f"{lab['images']} images, {lab['units']} units: naive {lab['naive_s']:.1f} s, cached {lab['cached_s']:.1f} s, "
               f"speedup {lab['speedup']:.2f}x, max |difference| {lab['max_abs_diff']:.1e}.", ""]
     return "\n".join(lines)
-
 
 
 def _random_sentences(acc: dict) -> list[str]:

@@ -28,21 +28,18 @@ def run_unit(unit: ResidualUnit, x: torch.Tensor, keep: torch.Tensor | list[bool
     if n_keep == 0:
         return out
     idx = torch.tensor([j for j, k in enumerate(keep) if k], device=x.device)
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        # Channels-last (N, H, W, C) memory still has the batch outermost: gather and scatter
-        # through the NHWC view, so the subset stays in the layout the weights expect, one copy each way.
-        y = unit(x.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2))  # (n_keep, C', H', W')
-        out_nhwc = out.permute(0, 2, 3, 1)
-        if torch.is_grad_enabled():
-            return out_nhwc.index_copy(0, idx, y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        out_nhwc.index_copy_(0, idx, y.permute(0, 2, 3, 1))
-        return out
-    y = unit(x.index_select(0, idx))  # (n_keep, C', H', W')
+    # Gather and scatter along the batch, which is outermost in both layouts. A channels-last
+    # tensor goes through its (N, H, W, C) view, so the subset keeps the layout the weights expect.
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    rows = (lambda t: t.permute(0, 2, 3, 1)) if nhwc else (lambda t: t)
+    unrows = (lambda t: t.permute(0, 3, 1, 2)) if nhwc else (lambda t: t)
+    y = unit(unrows(rows(x).index_select(0, idx)))  # (n_keep, C', H', W')
     if torch.is_grad_enabled():
-        return out.index_copy(0, idx, y)
+        return unrows(rows(out).index_copy(0, idx, rows(y)))
     # No autograd graph to protect: write in place. When ``out is x`` this overwrites the
     # unit's input, which only the executor holds (the stem's or a previous unit's output).
-    return out.index_copy_(0, idx, y)
+    rows(out).index_copy_(0, idx, rows(y))
+    return out
 
 
 def mask_unit(unit: ResidualUnit, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -35,15 +35,8 @@ def enable_direct_ingress(port: int) -> None:
 
 
 def serve_main(args: argparse.Namespace, checkpoint: Path) -> int:
-    direct_port = getattr(args, "direct_port", 0)
-    if direct_port:
-        if args.replicas != 1 or args.address:
-            raise ValueError("--direct-port needs one replica on a Ray instance this command starts "
-                             f"(got --replicas {args.replicas}{', --address' if args.address else ''}): "
-                             "each replica would need its own port and a balancer in front")
-        if direct_port == args.port:
-            raise ValueError(f"--direct-port {direct_port} must differ from --port (the proxy keeps that one)")
-        enable_direct_ingress(direct_port)
+    if args.direct_port:
+        enable_direct_ingress(args.direct_port)
     from ray import serve
 
     from serving.app import build_app, model_name_for
@@ -59,7 +52,7 @@ def serve_main(args: argparse.Namespace, checkpoint: Path) -> int:
     serve.run(build_app(settings, num_replicas=args.replicas, num_cpus=num_cpus), name=APP_NAME, route_prefix="/")
     where = "the cluster's metrics port" if args.address else f"http://127.0.0.1:{args.metrics_port}/metrics"
     autopilot = f"; SLO autopilot p99 <= {args.slo_p99_ms:g} ms, budget >= {args.min_budget:g}" if args.slo_p99_ms else ""
-    direct = f" and, without the proxy hop, http://{args.host}:{direct_port}" if direct_port else ""
+    direct = f" and, without the proxy hop, http://{args.host}:{args.direct_port}" if args.direct_port else ""
     print(f"skipserve: serving {settings['model_name']!r} ({checkpoint}) on http://{args.host}:{args.port}{direct}"
           f"{autopilot} "
           f"with {args.replicas} replica(s) x {settings['threads']} thread(s); metrics at {where}; "

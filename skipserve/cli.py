@@ -334,6 +334,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.replicas < 1 or args.max_batch_size < 1 or args.batch_wait_ms < 0:
         raise ValueError("--replicas and --max-batch-size must be >= 1, --batch-wait-ms >= 0")
+    if args.direct_port and (args.replicas != 1 or args.address):
+        raise ValueError("--direct-port needs one replica on a Ray instance this command starts "
+                         f"(got --replicas {args.replicas}{', --address' if args.address else ''}): "
+                         "each replica would need its own port and a balancer in front")
+    if args.direct_port and args.direct_port == args.port:
+        raise ValueError(f"--direct-port {args.direct_port} must differ from --port (the proxy keeps that one)")
     path = resolve_checkpoint(args.checkpoint)  # a clear error before Ray starts
     return serve_main(args, path)
 
