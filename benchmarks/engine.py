@@ -16,6 +16,7 @@ from gating.backbones import build_backbone
 from gating.executor import execute
 from gating.flops import profile_backbone
 from gating.fuse import fuse_bn
+from gating.runtime import keep_activations_on_heap
 
 
 @dataclass
@@ -30,6 +31,7 @@ class EngineBenchConfig:
     seed: int = 0
     fuse_bn: bool = True  # time the inference configuration: BN folded into convs (all modes alike)
     channels_last: bool = True  # the layout served inference uses (GatedModel.for_inference), all modes alike
+    heap_allocator: bool = True  # glibc thresholds as the server sets them (gating.runtime); process-wide
 
 
 def random_keep(batch: int, n: int, skip: int, g: torch.Generator) -> torch.Tensor:
@@ -41,6 +43,7 @@ def random_keep(batch: int, n: int, skip: int, g: torch.Generator) -> torch.Tens
 
 def run(cfg: EngineBenchConfig) -> dict:
     torch.set_num_threads(cfg.threads)
+    heap = keep_activations_on_heap() if cfg.heap_allocator else False
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     backbone = build_backbone(cfg.arch).eval()
@@ -80,5 +83,5 @@ def run(cfg: EngineBenchConfig) -> dict:
                 "masked_speedup": round(ms["full"] / ms["masked"], 3),
             })
     return {"benchmark": "engine", "arch": cfg.arch, "units": n, "fuse_bn": cfg.fuse_bn,
-            "channels_last": cfg.channels_last, "full_flops": profile.full,
+            "channels_last": cfg.channels_last, "heap_allocator": heap, "full_flops": profile.full,
             "machine": machine_info(), "results": results}

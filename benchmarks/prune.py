@@ -1,13 +1,21 @@
 """``skipserve bench prune``: every static pruner at one FLOPs ratio, plus Torch-Pruning as an outside baseline.
 
-Speedups are measured in this run on this CPU against the unpruned model, BN folded into
-the convolutions for both (the inference configuration), interleaved medians.
+Speedups are measured in this run on this CPU against the unpruned model, both in the
+configuration inference runs in (BN folded into the convolutions, channels-last weights and
+input, as ``GatedModel.for_inference``, and the allocator settings of ``gating.runtime``).
+Every model is timed in several fresh processes, all models interleaved in each, and a
+speedup is the median over processes of base ms / pruned ms (with glibc's default
+thresholds one model's time differed by up to 30% between processes; with the server's
+settings, by about 3%).
 """
 from __future__ import annotations
 
 import copy
+import multiprocessing
+import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -15,9 +23,10 @@ from typing import Optional
 import torch
 
 from benchmarks.common import interleaved_medians, machine_info
-from gating.backbones import ResidualBackbone
+from gating.backbones import ArchSpec, ResidualBackbone, build_backbone
 from gating.fuse import fuse_bn
 from gating.model import GatedModel
+from gating.runtime import keep_activations_on_heap
 from gating.zoo import resolve_checkpoint
 from training.backbone import BackboneConfig, evaluate, load_split
 from training.pruning.run import METHODS, finetune_pruned, iterative_magnitude, prune_backbone, validate
@@ -32,7 +41,9 @@ class PruneBenchConfig:
     methods: tuple[str, ...] = tuple(METHODS) + ("torch-pruning",)
     threads: int = 2
     repeats_b1: int = 40
-    repeats_b64: int = 8
+    repeats_b64: int = 20
+    timing_processes: int = 5  # fresh processes the speedups are the median over
+    stages: bool = False  # channel methods also thin the stage streams (ChannelPruner.stages)
     seed: int = 0
 
 
@@ -58,14 +69,41 @@ def torch_pruning_baseline(backbone: ResidualBackbone, ratio: float, full_flops:
     return pruned
 
 
-def _speedups(base: ResidualBackbone, pruned: ResidualBackbone, cfg: PruneBenchConfig) -> dict:
-    a, b = fuse_bn(base), fuse_bn(pruned)
-    out = {}
-    for batch, repeats in ((1, cfg.repeats_b1), (64, cfg.repeats_b64)):
-        x = torch.randn(batch, *base.input_size)
+def _time_in_this_process(models: dict[str, tuple[dict, dict]], threads: int, repeats_b1: int,
+                          repeats_b64: int) -> dict[str, dict[int, float]]:
+    """Median ms per model and batch size; ``models`` maps a name to (ArchSpec dict, state dict)."""
+    torch.set_num_threads(threads)
+    keep_activations_on_heap()  # as the server runs (gating.runtime)
+    ready = {}
+    for name, (arch, state) in models.items():
+        m = build_backbone(ArchSpec.from_dict(arch))
+        m.load_state_dict(state)
+        ready[name] = fuse_bn(m.eval()).to(memory_format=torch.channels_last)
+    size = next(iter(ready.values())).input_size
+    out: dict[str, dict[int, float]] = {name: {} for name in ready}
+    for batch, repeats in ((1, repeats_b1), (64, repeats_b64)):
+        x = torch.randn(batch, *size).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            ms = interleaved_medians({"base": lambda: a(x), "pruned": lambda: b(x)}, warmup=3, repeats=repeats)
-        out[f"speedup_b{batch}"] = round(ms["base"] / ms["pruned"], 3)
+            ms = interleaved_medians({k: (lambda m=m: m(x)) for k, m in ready.items()}, warmup=3, repeats=repeats)
+        for name, value in ms.items():
+            out[name][batch] = value
+    return out
+
+
+def speedups(base: ResidualBackbone, pruned: dict[str, ResidualBackbone], cfg: PruneBenchConfig) -> dict[str, dict]:
+    """Per pruned model: ``speedup_b1``, ``speedup_b64`` (medians over fresh processes) and the per-process b64 ones."""
+    models = {name: (m.spec.to_dict(), m.state_dict()) for name, m in {"unpruned": base, **pruned}.items()}
+    runs = []
+    for _ in range(cfg.timing_processes):
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs.append(pool.submit(_time_in_this_process, models, cfg.threads, cfg.repeats_b1,
+                                    cfg.repeats_b64).result())
+    out = {}
+    for name in pruned:
+        ratios = {b: [r["unpruned"][b] / r[name][b] for r in runs] for b in (1, 64)}
+        out[name] = {"speedup_b1": round(statistics.median(ratios[1]), 3),
+                     "speedup_b64": round(statistics.median(ratios[64]), 3),
+                     "speedup_b64_per_process": [round(v, 3) for v in ratios[64]]}
     return out
 
 
@@ -82,21 +120,23 @@ def run(cfg: PruneBenchConfig) -> dict:
     train, val = load_split(data_cfg)
     base = model.backbone.eval()
     base_params = sum(p.numel() for p in base.parameters())
-    results = []
+    results, to_time = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in cfg.methods:
             t0 = time.perf_counter()
             if method == "torch-pruning":
                 pruned, extra = torch_pruning_baseline(base, cfg.ratio, model.flops.full), {}
             else:
-                pruned, extra = prune_backbone(method, cfg.ratio, base, train, seed=cfg.seed)
+                pruned, extra = prune_backbone(method, cfg.ratio, base, train, seed=cfg.seed,
+                                               stages=cfg.stages)
             seconds = time.perf_counter() - t0
             pruned_model = GatedModel(pruned, card=model.card)
+            flops = pruned_model.flops.full
             entry = {"method": method, "params": sum(p.numel() for p in pruned.parameters()),
-                     "flops": pruned_model.flops.full, "flops_ratio": round(pruned_model.flops.full / model.flops.full, 4),
+                     "flops": flops, "flops_ratio": round(flops / model.flops.full, 4),
                      "seconds": round(seconds, 2), "top1_before_finetune": evaluate(pruned, val), **extra}
             if method != "magnitude":
-                entry.update(_speedups(base, pruned, cfg))
+                to_time[method] = pruned
             if cfg.finetune_epochs and method == "magnitude":
                 tuned, final = iterative_magnitude(model, cfg.ratio, train, data_cfg, cfg.finetune_epochs,
                                                    str(Path(tmp) / "magnitude.safetensors"),
@@ -109,7 +149,10 @@ def run(cfg: PruneBenchConfig) -> dict:
                                         cfg.seed)
                 entry["top1_after_finetune"] = evaluate(tuned.backbone, val)
             results.append(entry)
+    timed = speedups(base, to_time, cfg)
+    for entry in results:
+        entry.update(timed.get(entry["method"], {}))
     return {"benchmark": "prune", "checkpoint": cfg.checkpoint, "ratio": cfg.ratio,
-            "finetune_epochs": cfg.finetune_epochs, "unpruned": {"params": base_params, "flops": model.flops.full,
-                                                                 "top1": evaluate(base, val)},
+            "finetune_epochs": cfg.finetune_epochs, "timing_processes": cfg.timing_processes, "stages": cfg.stages,
+            "unpruned": {"params": base_params, "flops": model.flops.full, "top1": evaluate(base, val)},
             "machine": machine_info(), "results": results}

@@ -14,7 +14,7 @@ channels), so shortcuts carry no parameters and no FLOPs.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,20 +31,31 @@ class ArchSpec:
 
     name: str  # registered builder, e.g. "resnet32" or "resnet18"
     num_classes: int = 10
-    # inner (first conv output) width of each unit; None = the standard widths.
-    # Static channel pruning shrinks these and nothing else.
+    # Static channel pruning (CIFAR ResNets only) shrinks the next three; None = standard.
+    # inner (first conv output) width of each unit; None = its stage width
     inner_widths: Optional[tuple[int, ...]] = None
+    # residual-stream width of each stage (stem and every unit of the stage write it)
+    stage_widths: Optional[tuple[int, ...]] = None
+    # per down-sampling unit, for each output channel the input channel its shortcut copies
+    # (-1: a zero channel); None = option A (the input's channels in the middle, zeros around)
+    shortcut_sources: Optional[tuple[tuple[int, ...], ...]] = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["inner_widths"] = list(self.inner_widths) if self.inner_widths else None
+        for key in ("inner_widths", "stage_widths"):
+            d[key] = list(d[key]) if d[key] else None
+        d["shortcut_sources"] = [list(s) for s in self.shortcut_sources] if self.shortcut_sources else None
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ArchSpec":
-        widths = d.get("inner_widths")
-        return cls(name=d["name"], num_classes=int(d["num_classes"]),
-                   inner_widths=tuple(int(w) for w in widths) if widths else None)
+        def ints(key):
+            return tuple(int(w) for w in d[key]) if d.get(key) else None
+
+        sources = d.get("shortcut_sources")
+        return cls(name=d["name"], num_classes=int(d["num_classes"]), inner_widths=ints("inner_widths"),
+                   stage_widths=ints("stage_widths"),
+                   shortcut_sources=tuple(tuple(int(c) for c in s) for s in sources) if sources else None)
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -68,7 +79,9 @@ class ResidualUnit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = self.shortcut(x)
-        return F.relu(identity + self.residual(x))
+        out = self.residual(x)  # a fresh tensor: adding and rectifying in place saves two passes over memory
+        out += identity
+        return F.relu(out, inplace=True)
 
     def skip(self, x: torch.Tensor) -> torch.Tensor:
         if self.identity_shortcut:
@@ -76,8 +89,23 @@ class ResidualUnit(nn.Module):
         return F.relu(self.shortcut(x))
 
 
+def _as_run(sources: list[int]) -> Optional[tuple[int, int, int, int]]:
+    """``sources`` as (start, count, before, after) when it copies consecutive input channels to
+    consecutive output channels with zeros around, else None (a gather is needed)."""
+    placed = [j for j, c in enumerate(sources) if c >= 0]
+    if not placed:
+        return 0, 0, len(sources), 0
+    before, count, start = placed[0], len(placed), sources[placed[0]]
+    if placed != list(range(before, before + count)):
+        return None
+    if sources[before:before + count] != list(range(start, start + count)):
+        return None
+    return start, count, before, len(sources) - before - count
+
+
 class CifarBasicBlock(ResidualUnit):
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, inner: Optional[int] = None):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, inner: Optional[int] = None,
+                 sources: Optional[Sequence[int]] = None):
         super().__init__()
         inner = planes if inner is None else inner
         self.conv1 = conv3x3(in_planes, inner, stride)
@@ -86,21 +114,42 @@ class CifarBasicBlock(ResidualUnit):
         self.bn2 = nn.BatchNorm2d(planes)
         self.stride = stride
         self.pad = planes - in_planes  # option A: zero channels added by the shortcut
-        self.identity_shortcut = stride == 1 and self.pad == 0
+        self.identity_shortcut = stride == 1 and self.pad == 0 and sources is None
+        index = None
+        # option A's form, generalised: input channels [start, start + count) land at output channel
+        # ``before``, zeros around; a pruned stream gets this form whenever surgery could order it so
+        self.run = (0, in_planes, self.pad // 2, self.pad - self.pad // 2)  # (start, count, before, after)
+        if sources is not None:  # a pruned stream: output channel j copies input sources[j], or is zero (-1)
+            if len(sources) != planes or any(not -1 <= c < in_planes for c in sources):
+                raise ValueError(f"shortcut sources must be {planes} channel indices in [-1, {in_planes}), "
+                                 f"got {list(sources)[:8]}")
+            self.run = _as_run(list(sources))
+            if self.run is None:  # -1 indexes the zero channel appended after the input's channels
+                index = torch.tensor([in_planes if c < 0 else c for c in sources], dtype=torch.long)
+        elif self.pad < 0:
+            raise ValueError(f"option-A shortcut cannot narrow {in_planes} to {planes} channels")
+        self.register_buffer("sources", index, persistent=False)  # structure from the ArchSpec, not a weight
 
     @property
     def in_channels(self) -> int:
         return self.conv1.in_channels
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         return self.bn2(self.conv2(out))
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if self.identity_shortcut:
             return x
-        x = x[:, :, :: self.stride, :: self.stride]
-        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        if self.sources is None:  # a slice and a pad keep the input's layout, channels-last included
+            start, count, before, after = self.run
+            return F.pad(x[:, start:start + count, :: self.stride, :: self.stride], (0, 0, 0, 0, before, after))
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # Gathered in (N, H, W, C) order so that the result stays channels-last (gathering along
+            # dim 1 would hand the next unit an NCHW tensor, and every later conv a layout change).
+            nhwc = x.permute(0, 2, 3, 1)[:, :: self.stride, :: self.stride]
+            return F.pad(nhwc, (0, 1)).index_select(3, self.sources).permute(0, 3, 1, 2)
+        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, 1)).index_select(1, self.sources)
 
 
 class TorchvisionUnit(ResidualUnit):
@@ -166,17 +215,24 @@ def _cifar_resnet(spec: ArchSpec, depth: int) -> ResidualBackbone:
     if (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
     per_stage = (depth - 2) // 6
-    widths = [16] * per_stage + [32] * per_stage + [64] * per_stage
+    stages = spec.stage_widths or (16, 32, 64)
+    if len(stages) != 3 or min(stages) < 1:
+        raise ValueError(f"{spec.name}: stage_widths must be 3 positive ints, got {stages}")
+    sources = spec.shortcut_sources or (None, None)
+    if len(sources) != 2:
+        raise ValueError(f"{spec.name}: shortcut_sources must hold 2 lists (one per down-sampling unit)")
+    widths = [w for w in stages for _ in range(per_stage)]
     inner = spec.inner_widths or tuple(widths)
     if len(inner) != len(widths) or min(inner) < 1:
         raise ValueError(f"{spec.name}: inner_widths must be {len(widths)} positive ints, got {inner}")
-    stem = nn.Sequential(conv3x3(3, 16), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
-    units, in_planes = [], 16
+    stem = nn.Sequential(conv3x3(3, stages[0]), nn.BatchNorm2d(stages[0]), nn.ReLU(inplace=True))
+    units, in_planes = [], stages[0]
     for i, planes in enumerate(widths):
-        stride = 2 if planes != in_planes else 1
-        units.append(CifarBasicBlock(in_planes, planes, stride, inner=inner[i]))
+        first = i > 0 and i % per_stage == 0  # first unit of stages 2 and 3: stride 2
+        units.append(CifarBasicBlock(in_planes, planes, 2 if first else 1, inner=inner[i],
+                                     sources=sources[i // per_stage - 1] if first else None))
         in_planes = planes
-    backbone = ResidualBackbone(spec, stem, units, ClassifierHead(64, spec.num_classes), (3, 32, 32))
+    backbone = ResidualBackbone(spec, stem, units, ClassifierHead(stages[2], spec.num_classes), (3, 32, 32))
     for m in backbone.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -186,8 +242,8 @@ def _cifar_resnet(spec: ArchSpec, depth: int) -> ResidualBackbone:
 
 
 def _torchvision_resnet(spec: ArchSpec, factory: Callable[..., nn.Module]) -> ResidualBackbone:
-    if spec.inner_widths is not None:
-        raise ValueError(f"{spec.name}: inner_widths are only supported for CIFAR ResNets")
+    if spec.inner_widths or spec.stage_widths or spec.shortcut_sources:
+        raise ValueError(f"{spec.name}: pruned widths are only supported for CIFAR ResNets")
     net = factory(weights=None, num_classes=spec.num_classes)
     stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
     units = [TorchvisionUnit(block) for layer in (net.layer1, net.layer2, net.layer3, net.layer4)

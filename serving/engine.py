@@ -15,6 +15,7 @@ import torch
 from gating.model import GatedModel
 from gating.policies import Policy, make_policy
 from gating.preprocess import normalize
+from gating.runtime import keep_activations_on_heap
 from serving.images import RequestError
 
 
@@ -38,6 +39,7 @@ class Engine:
     def __init__(self, checkpoint: str | os.PathLike, *, threads: Optional[int] = None):
         if threads:
             torch.set_num_threads(threads)
+        keep_activations_on_heap()
         self.model = GatedModel.load(checkpoint).for_inference()
         card = self.model.card
         self.class_names: list[str] = list(card.class_names)

@@ -11,7 +11,8 @@ from typing import Callable, Optional
 def _bench_engine(args: argparse.Namespace) -> int:
     from benchmarks.engine import EngineBenchConfig, run
 
-    cfg = EngineBenchConfig(arch=args.arch, threads=args.threads, channels_last=not args.default_layout)
+    cfg = EngineBenchConfig(arch=args.arch, threads=args.threads, channels_last=not args.default_layout,
+                            heap_allocator=not args.default_malloc)
     if args.quick:
         cfg.repeats_b1, cfg.repeats_large, cfg.draws = 10, 3, 2
     result = run(cfg)
@@ -187,7 +188,7 @@ def _prune(args: argparse.Namespace) -> int:
     from training.pruning.run import prune_checkpoint
 
     report = prune_checkpoint(args.method, args.ratio, args.checkpoint, args.data, args.out,
-                              finetune_epochs=args.finetune_epochs)
+                              finetune_epochs=args.finetune_epochs, stages=args.stages)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -196,11 +197,11 @@ def _bench_prune(args: argparse.Namespace) -> int:
     from benchmarks.prune import PruneBenchConfig, run
 
     cfg = PruneBenchConfig(checkpoint=args.checkpoint, data=args.data, ratio=args.ratio,
-                           finetune_epochs=args.finetune_epochs, threads=args.threads)
+                           finetune_epochs=args.finetune_epochs, threads=args.threads, stages=args.stages)
     if args.methods:
         cfg.methods = tuple(args.methods.split(","))
     if args.quick:
-        cfg.repeats_b1, cfg.repeats_b64 = 5, 2
+        cfg.repeats_b1, cfg.repeats_b64, cfg.timing_processes = 5, 2, 1
     result = run(cfg)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -417,6 +418,8 @@ def _add_stages(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="backbone checkpoint (S1) or shipped name")
     p.add_argument("--data", default=DEFAULT_DATA, help="training images: samples for data-driven criteria, "
                                                         "validation split for top-1")
+    p.add_argument("--stages", action="store_true",
+                   help="also thin every stage's residual stream, not only the units' inner channels")
     p.add_argument("--out", required=True, help="pruned checkpoint to write")
     p.add_argument("--finetune-epochs", type=int, default=0)
     p.set_defaults(func=_prune)
@@ -482,6 +485,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
     p = benchmark("engine", "wall-clock of full vs gated vs masked execution", _bench_engine)
     p.add_argument("--arch", default="resnet56", help="backbone (default: resnet56)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's default mmap/trim thresholds (the server sets its own: gating.runtime)")
     p.add_argument("--default-layout", action="store_true",
                    help="time NCHW tensors instead of the channels-last layout inference runs in")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
@@ -494,6 +499,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of FLOPs to remove (default: 0.5)")
     p.add_argument("--finetune-epochs", type=int, default=0)
+    p.add_argument("--stages", action="store_true",
+                   help="also thin every stage's residual stream, not only the units' inner channels")
     p.add_argument("--methods", help="comma-separated subset (default: all, and torch-pruning)")
     p.add_argument("--quick", action="store_true", help="fewer timing repetitions")
     p = benchmark("serving", "closed-loop HTTP load: gated deployment vs policy full, same batching", _bench_serving)

@@ -58,6 +58,7 @@ def test_bench_engine_json_shape():
                           "--json", "--threads", "1"], capture_output=True, text=True, check=True).stdout
     result = json.loads(out)
     assert result["channels_last"] is True  # timed in the layout inference runs in
+    assert result["heap_allocator"] is (sys.platform == "linux")  # and with the server's allocator settings
     rows = result["results"]
     assert {(r["batch"], r["skip_fraction"]) for r in rows} == {(b, f) for b in (1, 64) for f in (0.25, 0.5, 0.75)}
     for r in rows:
@@ -74,3 +75,17 @@ def test_bad_stage_override_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "skipserve", "train-backbone", "--set", "epoch=3",
                           "--run-dir", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 2 and "unknown BackboneConfig field(s) ['epoch']" in out.stderr
+
+
+def test_allocator_settings_apply_on_glibc_and_leave_tensors_intact():
+    import platform
+
+    import torch
+
+    from gating.runtime import keep_activations_on_heap
+
+    applied = keep_activations_on_heap()
+    assert applied is (sys.platform == "linux" and platform.libc_ver()[0] == "glibc")
+    assert keep_activations_on_heap() is applied  # idempotent
+    x = torch.ones(2 << 20)  # 8 MiB: above glibc's default threshold, below ours
+    assert float(x.sum()) == 2 << 20

@@ -78,6 +78,15 @@ def test_prune_then_gate_the_pruned_backbone(image_dir, tmp_path):
     product = result["flops_ratio"] * gated.flops.full / unpruned  # executed / unpruned full
     assert product == pytest.approx(0.5 * result["flops_ratio"], abs=0.03)
     assert product < 0.5 * 0.6 + gated.gate_flops / unpruned + 1e-6
+    thinned = json.loads(skipserve("prune", "--method", "genetic", "--ratio", "0.5", "--stages", "--checkpoint", s1,
+                                   "--data", image_dir, "--out", tmp_path / "thin.safetensors", env_cache=cache).stdout)
+    assert thinned["stages"] and thinned["flops_ratio"] == pytest.approx(0.5, abs=0.03)
+    thin = GatedModel.load(tmp_path / "thin.safetensors")  # stream widths and shortcut maps survive the checkpoint
+    assert thin.backbone.spec.stage_widths == (11, 23, 45)
+    assert all(u.conv2.out_channels == w for u, w in zip(thin.backbone.units, [11] * 3 + [23] * 3 + [45] * 3))
+    full = json.loads(skipserve("eval", "--checkpoint", tmp_path / "thin.safetensors", "--data", image_dir, "--json",
+                                env_cache=cache).stdout)
+    assert full["flops_ratio"] == pytest.approx(1.0) and 0 <= full["top1"] <= 1 and full["n_images"] > 0
     bench = json.loads(skipserve("bench", "prune", "--checkpoint", s1, "--data", image_dir, "--methods",
                                  "l1,magnitude,torch-pruning", "--quick", "--finetune-epochs", "1", "--json",
                                  env_cache=cache).stdout)

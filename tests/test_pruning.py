@@ -7,22 +7,27 @@ from gating.model import GatedModel
 from training.pruning.criteria import CRITERIA, Genetic, Lasso, _contributions, inner_activation
 from training.pruning.magnitude import CSR, magnitude_prune
 from training.pruning.pruner import ChannelPruner
-from training.pruning.surgery import prune_inner_channels
+from training.pruning.surgery import prune_inner_channels, prune_stage_channels, stream_readers
+from training.pruning.surgery import stages as stages_of
 from tests.conftest import make_backbone
 
 SAMPLE = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("method", CRITERIA.names())
-@pytest.mark.parametrize("ratio", [0.3, 0.5])
-def test_every_channel_method_meets_the_ratio_with_smaller_tensors(method, ratio):
+@pytest.mark.parametrize("ratio,stages", [(0.3, False), (0.5, False), (0.5, True)])
+def test_every_channel_method_meets_the_ratio_with_smaller_tensors(method, ratio, stages):
     backbone = make_backbone("resnet20")
     full = profile_backbone(backbone).full
-    pruned = ChannelPruner(CRITERIA.get(method)(), ratio).prune(backbone, SAMPLE)
+    pruned = ChannelPruner(CRITERIA.get(method)(), ratio, stages=stages).prune(backbone, SAMPLE)
     removed = 1 - profile_backbone(pruned).full / full
     assert removed == pytest.approx(ratio, abs=0.03)
     for unit, width in zip(pruned.units, pruned.spec.inner_widths):
         assert unit.conv1.weight.shape[0] == unit.bn1.num_features == unit.conv2.weight.shape[1] == width >= 1
+    expected = tuple(round((1 - ratio) ** 0.5 * w) if stages else w for w in (16, 32, 64))
+    assert (pruned.spec.stage_widths or (16, 32, 64)) == expected
+    for s, group in enumerate(stages_of(pruned)):
+        assert all(pruned.units[i].conv2.out_channels == expected[s] for i in group)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in backbone.parameters())
     with torch.no_grad():
         assert pruned(SAMPLE).shape == (32, 10)
@@ -31,6 +36,122 @@ def test_every_channel_method_meets_the_ratio_with_smaller_tensors(method, ratio
     with torch.no_grad():
         from gating.executor import execute
         assert torch.allclose(execute(pruned, SAMPLE, keep), execute(pruned, SAMPLE, keep, "mask"), atol=1e-5)
+
+
+def _spread_bn(backbone):
+    """Non-trivial BN statistics, so that a wrong channel index changes outputs."""
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in backbone.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return backbone.eval()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stage_surgery_equals_zeroing_those_stream_channels_everywhere(channels_last):
+    backbone = _spread_bn(make_backbone("resnet20"))
+    g = torch.Generator().manual_seed(3)
+    keep = [torch.randperm(w, generator=g)[: w * 2 // 3] for w in (16, 32, 64)]
+    dropped = [torch.ones(w, dtype=torch.bool) for w in (16, 32, 64)]
+    for d, k in zip(dropped, keep):
+        d[k] = False
+    stage_of = {i: s for s, group in enumerate(stages_of(backbone)) for i in group}
+
+    def zeroed(x):  # the unpruned network with every writer's output zero on the dropped channels
+        h = backbone.stem(x).clone()
+        h[:, dropped[0]] = 0
+        for i, unit in enumerate(backbone.units):
+            h = unit(h).clone()
+            h[:, dropped[stage_of[i]]] = 0
+        return backbone.head(h)
+
+    pruned = prune_stage_channels(backbone, keep)
+    assert pruned.spec.stage_widths == (10, 21, 42)
+    assert all(u.sources is None for u in pruned.units), "channels ordered so shortcuts slice, not gather"
+    assert pruned.spec.inner_widths == tuple(u.conv1.out_channels for u in backbone.units)
+    x = SAMPLE
+    if channels_last:
+        pruned, x = pruned.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), zeroed(SAMPLE), atol=1e-4)
+    # the spec alone rebuilds it (the shortcut index maps travel in the spec, not the weights)
+    from gating.backbones import ArchSpec, build_backbone
+    rebuilt = build_backbone(ArchSpec.from_dict(pruned.spec.to_dict()))
+    rebuilt.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.eval()(SAMPLE), zeroed(SAMPLE), atol=1e-4)
+
+
+def test_a_shortcut_that_needs_a_gather_copies_the_named_channels_in_both_layouts():
+    from gating.backbones import ArchSpec, build_backbone
+    first = (5, -1, 0, 3, -1, 15) + (-1,) * 26  # not a slice: scattered, out of order
+    model = build_backbone(ArchSpec("resnet20", stage_widths=(16, 32, 64),
+                                    shortcut_sources=(first, tuple(range(32)) + (-1,) * 32))).eval()
+    unit = model.units[3]
+    assert unit.sources is not None and model.units[6].sources is None  # the second one is a slice
+    x = torch.randn(2, 16, 8, 8)
+    for y in (unit.shortcut(x), unit.shortcut(x.contiguous(memory_format=torch.channels_last))):
+        for j, c in enumerate(first):
+            expected = x[:, c, ::2, ::2] if c >= 0 else torch.zeros(2, 4, 4)
+            assert torch.equal(y[:, j], expected)
+    assert unit.shortcut(x.contiguous(memory_format=torch.channels_last)).is_contiguous(
+        memory_format=torch.channels_last)
+
+
+def test_bad_shortcut_sources_are_refused():
+    from gating.backbones import ArchSpec, build_backbone
+    with pytest.raises(ValueError, match="shortcut sources must be 32 channel indices"):
+        build_backbone(ArchSpec("resnet20", stage_widths=(16, 32, 64), shortcut_sources=((16,) * 32, (-1,) * 64)))
+    with pytest.raises(ValueError, match="cannot narrow"):
+        build_backbone(ArchSpec("resnet20", stage_widths=(16, 12, 64)))
+    with pytest.raises(ValueError, match="stage 1: invalid channel indices"):
+        prune_stage_channels(make_backbone("resnet20"), [torch.arange(4), torch.tensor([1, 1]), torch.arange(8)])
+
+
+def test_stream_readers_are_the_convolutions_fed_by_each_stage():
+    backbone = make_backbone("resnet20")
+    assert stages_of(backbone) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert stream_readers(backbone) == [[0, 1, 2, 3], [4, 5, 6], [7, 8]]
+    widths = [16, 32, 64]
+    for s, readers in enumerate(stream_readers(backbone)):
+        assert all(backbone.units[i].conv1.in_channels == widths[s] for i in readers)
+
+
+def test_lasso_stream_refit_beats_the_same_stream_channels_without_it():
+    import copy
+    backbone = _spread_bn(make_backbone("resnet20"))
+    counts = ChannelPruner(Lasso(), 0.5, stages=True).stage_keep_counts(backbone)
+    keep = [s.topk(k).indices for s, k in zip(Lasso().stream_scores(backbone, SAMPLE, counts), counts)]
+    inputs = backbone.unit_inputs(SAMPLE)[0]
+
+    def error(model):  # every reader's conv1 output on the unpruned inputs, the dropped channels zeroed
+        total = 0.0
+        with torch.no_grad():
+            for k, readers in zip(keep, stream_readers(backbone)):
+                for i in readers:
+                    x = inputs[i]
+                    mask = torch.zeros(x.shape[1])
+                    mask[k] = 1
+                    ref = backbone.units[i].conv1(x)
+                    total += float((model.units[i].conv1(x * mask.view(1, -1, 1, 1)) - ref).pow(2).mean())
+        return total
+
+    refit = copy.deepcopy(backbone)
+    Lasso().reconstruct_stream(refit, keep, SAMPLE)
+    assert error(refit) < error(backbone)
+
+
+@pytest.mark.parametrize("method", CRITERIA.names())
+def test_every_method_scores_every_stream_channel(method):
+    backbone = _spread_bn(make_backbone("resnet20"))
+    scores = CRITERIA.get(method)().stream_scores(backbone, SAMPLE, [11, 23, 45])
+    assert [s.shape for s in scores] == [(16,), (32,), (64,)]
+    assert all(torch.isfinite(s).all() for s in scores)
+    if method == "genetic":  # a mask search: exactly the requested channels marked
+        assert [int((s >= 1).sum()) for s in scores] == [11, 23, 45]
 
 
 def test_uniform_allocation_counts():

@@ -1,8 +1,11 @@
 """Channel-importance criteria (strategy objects): higher score = keep.
 
-Each criterion scores the inner channels of every unit; ``ChannelPruner`` turns the
-scores and a FLOPs ratio into index sets. A criterion may also ``reconstruct`` a unit's
-next layer after selection (LASSO's least squares).
+Each criterion scores the inner channels of every unit (``scores``) and the stream
+channels of every stage (``stream_scores``: the residual sum all units of a stage share,
+see ``surgery``); ``ChannelPruner`` turns the scores and a FLOPs ratio into index sets. A
+criterion may also refit the layers that read the removed channels after selection
+(LASSO's least squares: ``reconstruct`` for a unit's conv2, ``reconstruct_stream`` for
+the conv1 of every unit that reads a stage).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 
 from gating.backbones import CifarBasicBlock, ResidualBackbone
 from gating.registry import Registry
+from training.pruning.surgery import stages, stream_readers
 
 CRITERIA: Registry[type["Criterion"]] = Registry("pruning method")
 
@@ -25,8 +29,15 @@ class Criterion:
     def scores(self, backbone: ResidualBackbone, sample: torch.Tensor, keep_counts: list[int]) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def stream_scores(self, backbone: ResidualBackbone, sample: torch.Tensor,
+                      keep_counts: list[int]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
     def reconstruct(self, unit: CifarBasicBlock, keep: torch.Tensor, unit_input: torch.Tensor) -> None:
         """Optionally refit the unit after selection (default: nothing)."""
+
+    def reconstruct_stream(self, backbone: ResidualBackbone, keep: list[torch.Tensor], sample: torch.Tensor) -> None:
+        """Optionally refit the stream's readers after selection, in place (default: nothing)."""
 
 
 def inner_activation(unit: CifarBasicBlock, x: torch.Tensor) -> torch.Tensor:
@@ -40,6 +51,18 @@ def unit_inputs(backbone: ResidualBackbone, sample: torch.Tensor) -> list[torch.
     return inputs
 
 
+def stream_writers(backbone: ResidualBackbone) -> list[list[tuple[torch.nn.Conv2d, torch.nn.BatchNorm2d]]]:
+    """Per stage, the (conv, BN) pairs whose outputs are that stage's stream channels."""
+    out = [[(u.conv2, u.bn2) for u in (backbone.units[i] for i in g)] for g in stages(backbone)]
+    out[0].insert(0, (backbone.stem[0], backbone.stem[1]))
+    return out
+
+
+def _per_layer(values: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of per-channel values over layers, each layer normalised by its mean (so layers weigh alike)."""
+    return sum(v / v.mean().clamp_min(1e-12) for v in values)
+
+
 @CRITERIA.register("l1")
 class L1Norm(Criterion):
     """Li et al. 2017: the L1 norm of each conv1 filter."""
@@ -48,6 +71,11 @@ class L1Norm(Criterion):
 
     def scores(self, backbone, sample, keep_counts):
         return [u.conv1.weight.detach().abs().sum((1, 2, 3)) for u in backbone.units]
+
+    def stream_scores(self, backbone, sample, keep_counts):
+        """A stream channel's filters in every layer that writes it (stem, conv2s), summed."""
+        return [_per_layer([conv.weight.detach().abs().sum((1, 2, 3)) for conv, _ in writers])
+                for writers in stream_writers(backbone)]
 
 
 @CRITERIA.register("slimming")
@@ -58,6 +86,10 @@ class BNScale(Criterion):
 
     def scores(self, backbone, sample, keep_counts):
         return [u.bn1.weight.detach().abs() for u in backbone.units]
+
+    def stream_scores(self, backbone, sample, keep_counts):
+        """|gamma| of every BN that writes a stream channel (stem BN, bn2s), summed."""
+        return [_per_layer([bn.weight.detach().abs() for _, bn in writers]) for writers in stream_writers(backbone)]
 
 
 @CRITERIA.register("hrank")
@@ -74,19 +106,57 @@ class HRank(Criterion):
                 out.append(torch.linalg.matrix_rank(maps.double()).float().mean(0))
         return out
 
+    def stream_scores(self, backbone, sample, keep_counts):
+        """Average rank of a stream channel's feature maps after every unit of its stage."""
+        ranks: list[list[torch.Tensor]] = [[] for _ in stages(backbone)]
+        stage_of = {i: s for s, g in enumerate(stages(backbone)) for i in g}
+        with torch.no_grad():
+            h = backbone.eval().stem(sample)
+            for i, unit in enumerate(backbone.units):
+                h = unit(h)
+                ranks[stage_of[i]].append(torch.linalg.matrix_rank(h.double()).float().mean(0))
+        l1 = L1Norm().stream_scores(backbone, sample, keep_counts)  # breaks the many ties of full rank
+        return [torch.stack(r).mean(0) + 1e-3 * w / w.sum() for r, w in zip(ranks, l1)]
+
 
 def _contributions(unit: CifarBasicBlock, x: torch.Tensor, positions: int, g: torch.Generator):
-    """Per inner channel, its contribution to sampled conv2 outputs: Z (C, N*P*out) and Y = sum_c Z_c."""
-    a = inner_activation(unit, x)  # (B, C, H, W)
-    cols = F.unfold(a, 3, padding=1)  # (B, C*9, H*W)
+    """Per inner channel, its contribution to sampled conv2 outputs: Z (C, N*out) and the patches (N, C, 9)."""
+    return _conv_contributions(unit.conv2, inner_activation(unit, x), positions, g)
+
+
+def _conv_contributions(conv: torch.nn.Conv2d, a: torch.Tensor, positions: int, g: torch.Generator):
+    """Per input channel of a 3x3 ``conv`` fed ``a`` (B, C, H, W), its contribution to sampled outputs:
+    Z (C, N*out) with N = B * positions (Y = sum_c Z_c is the conv's output), and the patches (N, C, 9)."""
+    cols = F.unfold(a, 3, padding=1, stride=conv.stride)  # (B, C*9, H'*W')
     b, _, hw = cols.shape
     pick = torch.randint(0, hw, (b, positions), generator=g)
     cols = torch.gather(cols, 2, pick[:, None, :].expand(b, cols.shape[1], positions))  # (B, C*9, P)
     c = a.shape[1]
     patches = cols.view(b, c, 9, positions).permute(0, 3, 1, 2).reshape(b * positions, c, 9)  # (N, C, 9)
-    w = unit.conv2.weight.detach().view(unit.conv2.out_channels, c, 9)  # (out, C, 9)
+    w = conv.weight.detach().view(conv.out_channels, c, 9)  # (out, C, 9)
     z = torch.einsum("nck,ock->cno", patches, w).reshape(c, -1)  # (C, N*out)
     return z, patches
+
+
+def _stream_grams(backbone: ResidualBackbone, sample: torch.Tensor, positions: int, g: torch.Generator):
+    """Per stage, (Z Z^T (C, C), Z Y (C,), |Z| summed (C,)) where Z stacks each stream channel's contributions
+    to the sampled, BN-scaled conv1 outputs of every unit reading the stage, each reader normalised by its
+    output's norm so that wide and narrow readers weigh alike."""
+    inputs = unit_inputs(backbone, sample)
+    out = []
+    for readers in stream_readers(backbone):
+        gram = zy = mag = 0
+        for i in readers:
+            unit = backbone.units[i]
+            z, _ = _conv_contributions(unit.conv1, inputs[i], positions, g)  # (C, N*out)
+            c = z.shape[0]
+            scale = (unit.bn1.weight / (unit.bn1.running_var + unit.bn1.eps).sqrt()).detach()
+            z = (z.view(c, -1, len(scale)) * scale).reshape(c, -1).double()
+            y = z.sum(0)
+            z = z / y.norm().clamp_min(1e-12)
+            gram, zy, mag = gram + z @ z.T, zy + z @ (y / y.norm().clamp_min(1e-12)), mag + z.abs().sum(1)
+        out.append((gram, zy, mag))
+    return out
 
 
 @CRITERIA.register("lasso")
@@ -108,11 +178,14 @@ class Lasso(Criterion):
 
     def _select(self, z: torch.Tensor, k: int) -> torch.Tensor:
         """|beta| from the LASSO whose penalty leaves about k non-zero coefficients (bisection on lambda)."""
-        y = z.sum(0)
-        gram, zy = z @ z.T, z @ y  # (C, C), (C,)
+        return self._select_gram(z @ z.T, z @ z.sum(0), k, z.abs().sum(1))
+
+    def _select_gram(self, gram: torch.Tensor, zy: torch.Tensor, k: int, magnitude: torch.Tensor) -> torch.Tensor:
+        """The LASSO of ``_select`` from Z Z^T (C, C) and Z Y (C,); ``magnitude`` (C,) breaks ties."""
+        z_abs = magnitude
         step = 1.0 / torch.linalg.eigvalsh(gram).max()
         lo, hi = 0.0, float(zy.abs().max())
-        beta = torch.ones(len(z), dtype=z.dtype)
+        beta = torch.ones(len(zy), dtype=gram.dtype)
         for _ in range(30):
             lam = (lo + hi) / 2
             b = self._ista(gram, zy, lam, step)
@@ -120,7 +193,7 @@ class Lasso(Criterion):
                 lo = lam
             else:
                 hi, beta = lam, b
-        return beta.abs().float() + 1e-12 * (z.abs().sum(1) / z.abs().sum()).float()  # ties broken by magnitude
+        return beta.abs().float() + 1e-12 * (z_abs / z_abs.sum()).float()  # ties broken by magnitude
 
     def _ista(self, gram, zy, lam, step):
         beta = torch.ones(len(zy), dtype=gram.dtype)
@@ -128,6 +201,30 @@ class Lasso(Criterion):
             beta = beta - step * (gram @ beta - zy)
             beta = torch.sign(beta) * (beta.abs() - step * lam).clamp_min(0)
         return beta
+
+    def stream_scores(self, backbone, sample, keep_counts):
+        """The same LASSO on stream channels: coefficients on their contributions to every reader's conv1."""
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            return [self._select_gram(gram, zy, k, mag)
+                    for (gram, zy, mag), k in zip(_stream_grams(backbone, sample, self.positions, g), keep_counts)]
+
+    def reconstruct_stream(self, backbone, keep, sample):
+        """Least squares: each reader's conv1 weights on the kept stream channels that best reproduce its
+        unpruned output (the inputs are the unpruned stream's, as in He et al.'s layer-by-layer refit)."""
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            inputs = unit_inputs(backbone, sample)
+            for k, readers in zip(keep, stream_readers(backbone)):
+                for i in readers:
+                    conv = backbone.units[i].conv1
+                    z, patches = _conv_contributions(conv, inputs[i], self.positions, g)
+                    target = z.sum(0).view(-1, conv.out_channels).double()  # (N, out)
+                    x = patches[:, k].reshape(len(patches), -1).double()  # (N, k*9)
+                    w = torch.linalg.lstsq(x, target).solution  # (k*9, out)
+                    new = conv.weight.detach().clone()
+                    new[:, k] = w.T.reshape(conv.out_channels, len(k), 3, 3).to(new.dtype)
+                    conv.weight.copy_(new)
 
     def reconstruct(self, unit, keep, unit_input):
         """Least squares: conv2 weights on the kept channels that best reproduce the unpruned conv2 output."""
@@ -165,12 +262,29 @@ class Genetic(Criterion):
 
     positions = 10  # sampled output positions per image for the fitness
 
+    def stream_scores(self, backbone, sample, keep_counts):
+        """The same search over stream masks; fitness: the error dropping them causes in every reader's conv1."""
+        g = torch.Generator().manual_seed(0)
+        l1 = L1Norm().stream_scores(backbone, sample, keep_counts)
+        out = []
+        with torch.no_grad():
+            for (gram, _, _), k, seed in zip(_stream_grams(backbone, sample, self.positions, g), keep_counts, l1):
+                score = torch.zeros(len(gram))
+                score[self._search_gram(gram, k, seed, g)] = 1.0
+                out.append(score + 1e-6 * seed / seed.sum())
+        return out
+
     def _search(self, unit, x, k, g):
         c = unit.conv1.out_channels
         z, _ = _contributions(unit, x, self.positions, g)  # (C, N*out)
         scale = (unit.bn2.weight / (unit.bn2.running_var + unit.bn2.eps).sqrt()).detach()
         z = (z.view(c, -1, len(scale)) * scale).reshape(c, -1).double()
         gram = z @ z.T  # error of dropping channel set d: d^T G d (bn2 is affine in eval mode)
+        return self._search_gram(gram, k, unit.conv1.weight.detach().abs().sum((1, 2, 3)), g)
+
+    def _search_gram(self, gram: torch.Tensor, k: int, seed_scores: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Best k-of-C mask under error(drop d) = d^T G d; the top-k of ``seed_scores`` is one initial member."""
+        c = len(gram)
 
         def error(m):
             d = (1 - m).double()
@@ -189,9 +303,8 @@ class Genetic(Criterion):
                 m[off[torch.randperm(len(off), generator=g)[:k - len(on)]]] = 1
             return m
 
-        l1 = unit.conv1.weight.detach().abs().sum((1, 2, 3))
         seed = torch.zeros(c)
-        seed[l1.topk(k).indices] = 1
+        seed[seed_scores.topk(k).indices] = 1
         pop = [seed] + [random_mask() for _ in range(self.population - 1)]
         for _ in range(self.generations):
             fitness = torch.tensor([-error(m) for m in pop])

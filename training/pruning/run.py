@@ -37,7 +37,7 @@ def validate(method: str, ratio: float, checkpoint: str) -> None:
 
 
 def prune_backbone(method: str, ratio: float, backbone: ResidualBackbone, train: ImageSet, *,
-                   sample_images: int = 256, seed: int = 0) -> tuple[ResidualBackbone, dict]:
+                   sample_images: int = 256, seed: int = 0, stages: bool = False) -> tuple[ResidualBackbone, dict]:
     """Prune a copy of ``backbone``; returns it and what the method reports (magnitude: sparsity, CSR size)."""
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(train), generator=g)[:sample_images]
@@ -52,10 +52,12 @@ def prune_backbone(method: str, ratio: float, backbone: ResidualBackbone, train:
         return backbone, report
     if method == "ista":  # ISTA-train gamma, then drop the smallest |gamma| (the zeros first) to meet the ratio
         backbone = ista_train(backbone.train(), train, IstaConfig(seed=seed))
-        keep = ChannelPruner(CRITERIA.get("slimming")(), ratio).select(backbone, None)
         report["zero_gamma_channels"] = sum(int((u.bn1.weight == 0).sum()) for u in backbone.units)
-        return remove_zero_gamma(backbone, keep), report
-    return ChannelPruner(CRITERIA.get(method)(), ratio).prune(backbone, x), report
+        pruner = ChannelPruner(CRITERIA.get("slimming")(), ratio, stages=stages)
+        if stages:
+            backbone, pruner = pruner.thin_stages(backbone, None)
+        return remove_zero_gamma(backbone, pruner.select(backbone, None)), report
+    return ChannelPruner(CRITERIA.get(method)(), ratio, stages=stages).prune(backbone, x), report
 
 
 def finetune_pruned(model: GatedModel, cfg: BackboneConfig, epochs: int, out: str, run_dir: str,
@@ -82,7 +84,7 @@ def iterative_magnitude(model: GatedModel, ratio: float, train: ImageSet, cfg: B
 
 def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out: str, *,
                      finetune_epochs: int = 0, sample_images: int = 256, seed: int = 0,
-                     run_dir: Optional[str] = None) -> dict:
+                     run_dir: Optional[str] = None, stages: bool = False) -> dict:
     validate(method, ratio, checkpoint)
     model = GatedModel.load(checkpoint)
     s1 = model.card.info.get("config") or {}
@@ -90,8 +92,9 @@ def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out:
                          split_seed=int(s1.get("split_seed", 0)))
     train, val = load_split(cfg)
     t0 = time.perf_counter()
-    pruned, report = prune_backbone(method, ratio, model.backbone, train, sample_images=sample_images, seed=seed)
-    report = {"method": method, "ratio": ratio, **report, "seconds": time.perf_counter() - t0,
+    pruned, report = prune_backbone(method, ratio, model.backbone, train, sample_images=sample_images, seed=seed,
+                                    stages=stages)
+    report = {"method": method, "ratio": ratio, "stages": stages, **report, "seconds": time.perf_counter() - t0,
               "top1_before_finetune": evaluate(pruned, val)}
     result = GatedModel(pruned, card=replace(model.card, info={**model.card.info, "pruned": report}))
     run_dir = run_dir or str(Path(out).with_suffix("")) + "-finetune"

@@ -1,9 +1,16 @@
-"""Physically remove inner channels of CIFAR residual units (residual-safe).
+"""Physically remove channels of CIFAR ResNets, residual-safe, in two kinds of cut.
 
-Only a unit's inner width (conv1's outputs = bn1 = conv2's inputs) shrinks; the
-widths that shortcuts add up stay, so every unit keeps its shapes and can still be
-skipped. The result is an ordinary backbone whose ``ArchSpec.inner_widths`` records
-the new widths, with smaller weight tensors and recounted FLOPs.
+Inner channels (conv1's outputs = bn1 = conv2's inputs) belong to one unit and go alone.
+Stream channels are the residual sum a stage carries: the stem or the previous stage's
+shortcut, and every unit's conv2/bn2, write each of them, and the next units' conv1, the
+next stage's shortcut and the classifier read them; so a stream channel goes from all of
+them at once, and the channel is then zero everywhere in the stage, as if every writer had
+been cut. Down-sampling shortcuts keep working through an index map (``shortcut_sources``):
+a kept output channel copies its kept input channel, or is zero; kept channels are ordered so
+that the map is a slice and a zero pad, like option A itself (a channel gather cost 7% of the
+pruned model's time at batch 64). Every unit keeps valid
+shapes and can still be skipped. The result is an ordinary backbone whose ``ArchSpec``
+records the new widths, with smaller weight tensors and recounted FLOPs.
 """
 from __future__ import annotations
 
@@ -19,6 +26,52 @@ def check_prunable(backbone: ResidualBackbone) -> None:
     if bad:
         raise ValueError(f"{backbone.spec.name}: channel pruning supports CIFAR ResNets; units {bad[:3]} are not "
                          "CIFAR basic blocks")
+
+
+def stages(backbone: ResidualBackbone) -> list[list[int]]:
+    """Unit indices per stage: a new stage starts at every down-sampling unit."""
+    out: list[list[int]] = []
+    for i, unit in enumerate(backbone.units):
+        if i == 0 or not unit.identity_shortcut:
+            out.append([])
+        out[-1].append(i)
+    return out
+
+
+def stream_readers(backbone: ResidualBackbone) -> list[list[int]]:
+    """Per stage, the units whose conv1 reads that stage's stream: its own units but the first (which reads
+    the previous stage), and the next stage's first unit."""
+    groups = stages(backbone)
+    return [(g[1:] if s else g) + ([groups[s + 1][0]] if s + 1 < len(groups) else []) for s, g in enumerate(groups)]
+
+
+def _sources(unit: CifarBasicBlock) -> list[int]:
+    """Input channel each output channel of a down-sampling shortcut copies (-1: zero)."""
+    if unit.sources is not None:
+        return [c if c < unit.conv1.in_channels else -1 for c in unit.sources.tolist()]
+    start, count, before, after = unit.run
+    return [-1] * before + list(range(start, start + count)) + [-1] * after
+
+
+def _stream_order(keep: list[list[int]], sources: list[list[int]]) -> list[list[int]]:
+    """The kept channels of each stage in an order that lets every down-sampling shortcut be a slice
+    and a zero pad (no gather): what a shortcut copies sits in one block of its input and lands in one
+    block of its output. Three stages (CIFAR ResNets): the middle stage holds [copied in only, copied in
+    and out, copied out only, neither]; the first and last follow it. Other stage counts keep index order."""
+    if len(keep) != 3:
+        return keep
+    k0, k1 = set(keep[0]), set(keep[1])
+    into1 = [d for d in keep[1] if sources[0][d] in k0]  # stage-1 channels its shortcut fills
+    into2 = [d for d in keep[2] if sources[1][d] in k1]
+    out_of1, in1 = {sources[1][d] for d in into2}, set(into1)
+    order1 = ([d for d in into1 if d not in out_of1] + [d for d in into1 if d in out_of1]
+              + [d for d in keep[1] if d in out_of1 and d not in in1]
+              + [d for d in keep[1] if d not in in1 and d not in out_of1])
+    copied0 = [sources[0][d] for d in order1[:len(into1)]]
+    order0 = copied0 + [c for c in keep[0] if c not in set(copied0)]
+    position1 = {c: j for j, c in enumerate(order1)}
+    order2 = sorted(into2, key=lambda d: position1[sources[1][d]]) + [d for d in keep[2] if d not in set(into2)]
+    return [order0, order1, order2]
 
 
 def inner_flops_per_channel(backbone: ResidualBackbone, profile) -> list[float]:
@@ -45,5 +98,43 @@ def prune_inner_channels(backbone: ResidualBackbone, keep: list[torch.Tensor]) -
         for name in ("weight", "bias", "running_mean", "running_var"):
             state[p + f"bn1.{name}"] = state[p + f"bn1.{name}"][k]
         state[p + "conv2.weight"] = state[p + "conv2.weight"][:, k]
+    pruned.load_state_dict(state)
+    return pruned.train(backbone.training)
+
+
+@torch.no_grad()
+def prune_stage_channels(backbone: ResidualBackbone, keep: list[torch.Tensor]) -> ResidualBackbone:
+    """A new backbone keeping, in stage s, only stream channels ``keep[s]`` (indices); inner widths stay."""
+    check_prunable(backbone)
+    groups = stages(backbone)
+    if len(keep) != len(groups):
+        raise ValueError(f"need one index set per stage ({len(groups)}), got {len(keep)}")
+    keep = [k.sort().values for k in keep]
+    widths = [backbone.units[g[0]].conv2.out_channels for g in groups]
+    for s, (k, w) in enumerate(zip(keep, widths)):
+        if len(k) == 0 or k.max() >= w or len(k.unique()) != len(k):
+            raise ValueError(f"stage {s}: invalid channel indices {k.tolist()[:8]}")
+    stage_of = {i: s for s, g in enumerate(groups) for i in g}
+    old = [_sources(backbone.units[g[0]]) for g in groups[1:]]
+    keep = [torch.tensor(o, dtype=torch.long) for o in _stream_order([k.tolist() for k in keep], old)]
+    sources = []
+    for s in range(1, len(groups)):
+        position = {int(c): j for j, c in enumerate(keep[s - 1])}  # old input channel -> new index
+        sources.append(tuple(position.get(old[s - 1][int(c)], -1) for c in keep[s]))
+    spec = replace(backbone.spec, stage_widths=tuple(len(k) for k in keep), shortcut_sources=tuple(sources),
+                   inner_widths=tuple(u.conv1.out_channels for u in backbone.units))
+    pruned = build_backbone(spec)
+    state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    state["stem.0.weight"] = state["stem.0.weight"][keep[0]]
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        state[f"stem.1.{name}"] = state[f"stem.1.{name}"][keep[0]]
+    for i in range(backbone.num_units):
+        p, s = f"units.{i}.", stage_of[i]
+        read = keep[s - 1] if i == groups[s][0] and s > 0 else keep[s]
+        state[p + "conv1.weight"] = state[p + "conv1.weight"][:, read]
+        state[p + "conv2.weight"] = state[p + "conv2.weight"][keep[s]]
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            state[p + f"bn2.{name}"] = state[p + f"bn2.{name}"][keep[s]]
+    state["head.2.weight"] = state["head.2.weight"][:, keep[-1]]
     pruned.load_state_dict(state)
     return pruned.train(backbone.training)
