@@ -182,7 +182,6 @@ class Lasso(Criterion):
 
     def _select_gram(self, gram: torch.Tensor, zy: torch.Tensor, k: int, magnitude: torch.Tensor) -> torch.Tensor:
         """The LASSO of ``_select`` from Z Z^T (C, C) and Z Y (C,); ``magnitude`` (C,) breaks ties."""
-        z_abs = magnitude
         step = 1.0 / torch.linalg.eigvalsh(gram).max()
         lo, hi = 0.0, float(zy.abs().max())
         beta = torch.ones(len(zy), dtype=gram.dtype)
@@ -193,7 +192,7 @@ class Lasso(Criterion):
                 lo = lam
             else:
                 hi, beta = lam, b
-        return beta.abs().float() + 1e-12 * (z_abs / z_abs.sum()).float()  # ties broken by magnitude
+        return beta.abs().float() + 1e-12 * (magnitude / magnitude.sum()).float()  # ties broken by magnitude
 
     def _ista(self, gram, zy, lam, step):
         beta = torch.ones(len(zy), dtype=gram.dtype)
