@@ -12,8 +12,10 @@ Phases, one server:
    must be 503 and fast, accepted ones right, and the replicas' resident memory is sampled
    before, during and after each of two storms (``memory_mb``: bounded means the second storm
    leaves it where the first did);
-4. fault: the replica process is killed (SIGKILL) under load; Ray starts another. We time from
-   the kill until the server answers correctly again (``restart_recovery_s``).
+4. faults: the replica's model process is killed (SIGKILL): answers are 503 until the replica's
+   health check fails and Ray replaces it (``model_process_recovery_s``, until a correct answer
+   from a new model process); then the replica process itself is killed and Ray starts another
+   (``restart_recovery_s``).
 ``server_crashes`` counts the times the server process itself died.
 """
 from __future__ import annotations
@@ -132,8 +134,9 @@ class ReliabilityBenchConfig:
     recovery_timeout_s: float = 180.0
 
 
-def replica_pids(server_pid: int) -> list[int]:
-    """PIDs of the Serve replica processes started under a ``skipserve serve`` process."""
+def replica_pids(server_pid: int, marker: str = "ServeReplica") -> list[int]:
+    """PIDs of the Serve replica processes started under a ``skipserve serve`` process (with
+    ``marker="serving.model_process"``: their model processes)."""
     out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
     children: dict[int, list[tuple[int, str]]] = {}
     for line in out.splitlines():
@@ -143,7 +146,7 @@ def replica_pids(server_pid: int) -> list[int]:
     while todo:
         for pid, args in children.get(todo.pop(), []):
             todo.append(pid)
-            if "ServeReplica" in args:
+            if marker in args:
                 found.append(pid)
     return found
 
@@ -286,6 +289,26 @@ def run(cfg: ReliabilityBenchConfig) -> dict:
                                "after_storm_2": round(memory["after"][1], 1)}
 
         if cfg.kill:
+            models = replica_pids(server.proc.pid, "serving.model_process")
+            t_kill = time.monotonic()
+            for pid in models:
+                os.kill(pid, signal.SIGKILL)
+            result["model_process_recovery_s"] = None
+            while models and time.monotonic() - t_kill < cfg.recovery_timeout_s:
+                try:
+                    r = client.post(base + "/v1/predict", content=jpegs[0], headers={"content-type": "image/jpeg"},
+                                    timeout=10)
+                    result["requests"] += 1
+                    status[r.status_code] += 1
+                    fresh = set(replica_pids(server.proc.pid, "serving.model_process")) - set(models)
+                    if r.status_code == 200 and fresh:
+                        result["model_process_recovery_s"] = time.monotonic() - t_kill
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+            result["wrong_answers"] += good_round(client, base)
+
             victims = replica_pids(server.proc.pid)
             t_kill = time.monotonic()
             for pid in victims:

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gating.policies import POLICIES, make_policy
 from serving.autopilot import Autopilot, AutopilotConfig
 from serving.images import Limits, RequestError, declared_size, decode_image_bytes
+from serving.model_process import ModelProcessError
 from serving.v2 import DATATYPES, parse_infer_request
 
 logger = logging.getLogger("ray.serve")
@@ -51,6 +52,7 @@ class ServerSettings:
     max_batch_size: int = 32  # images per executed batch
     batch_wait_ms: float = 5.0  # how long a batch waits to fill
     max_queued_images: int = 256  # images waiting in one replica beyond which requests get 503 at once
+    model_process: bool = True  # run the executor in a child process with a GIL of its own (serving.model_process)
     slo_p99_ms: float = 0.0  # SLO autopilot target; 0 = off (serve the model's own knob)
     min_budget: float = 0.3  # the autopilot's floor, fraction of backbone FLOPs
     limits: Limits = field(default_factory=Limits)  # request size limits
@@ -68,6 +70,8 @@ class ServerSettings:
         s.threads, s.max_batch_size, s.max_queued_images = int(s.threads), int(s.max_batch_size), \
             int(s.max_queued_images)
         s.batch_wait_ms, s.slo_p99_ms, s.min_budget = float(s.batch_wait_ms), float(s.slo_p99_ms), float(s.min_budget)
+        if isinstance(s.model_process, str):
+            s.model_process = s.model_process.strip().lower() in ("1", "true", "yes")
         if s.max_batch_size < 1 or s.batch_wait_ms < 0 or s.max_queued_images < 1:
             raise ValueError("max_batch_size and max_queued_images must be >= 1, batch_wait_ms >= 0")
         if not s.model_name:
@@ -95,7 +99,8 @@ class ErrorBody(BaseModel):
 
 _ERROR_MEANING = {400: "malformed request: the message says what and where", 404: "no such model",
                   413: "body or image over the server's limits", 415: "unsupported Content-Type",
-                  503: "queue full or shutting down; retry after the Retry-After seconds"}
+                  503: "queue full, model process restarting, or shutting down; retry after the Retry-After "
+                       "seconds"}
 
 
 def _errors(*codes: int) -> dict:
@@ -220,14 +225,17 @@ class GatedModelServer:
         from gating.zoo import resolve_checkpoint
         from serving.engine import Engine
         from serving.metrics import ServeMetrics
+        from serving.model_process import ProcessEngine
 
         self.settings = ServerSettings.from_args(args)
         threads = self.settings.threads or _replica_cpus()
         path = resolve_checkpoint(self.settings.checkpoint)
-        self.engine = Engine(path, threads=threads)
+        self.engine = (ProcessEngine if self.settings.model_process else Engine)(path, threads=threads)
         self.name = self.settings.model_name
         self.metrics = ServeMetrics(self.name, self.engine.num_units)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skipserve-model")
+        # one thread per batch in flight when the model has its own process; one model thread otherwise
+        self._pool = ThreadPoolExecutor(max_workers=2 if self.settings.model_process else 1,
+                                        thread_name_prefix="skipserve-model")
         self._queued = 0  # images accepted and not yet answered
         self._apply_batching(self.settings.max_batch_size, self.settings.batch_wait_ms)
         self.autopilot = self._make_autopilot()
@@ -236,6 +244,11 @@ class GatedModelServer:
         logger.info("skipserve: serving %s (%s) as %r, policy %s, %d units, %d torch threads", path,
                     self.engine.model.card.arch.get("name"), self.name, self.engine.default_policy,
                     self.engine.num_units, torch.get_num_threads())
+
+    def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose model process died is restarted."""
+        if not getattr(self.engine, "alive", True):
+            raise RuntimeError("the model process exited")
 
     # ------------------------------------------------------------------ live knobs
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -284,7 +297,10 @@ class GatedModelServer:
         self.metrics.budget.set(p.knob if p.name == "budget" else 1.0 if p.name == "full" else math.nan)
 
     # ------------------------------------------------------------------ inference
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_images_in)
+    # Two batches in flight: with the model in its own process, the next batch is already waiting
+    # there when the current one finishes (``ProcessEngine.run`` pipelines); in-process, the one
+    # model thread runs them in turn.
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=_images_in, max_concurrent_batches=2)
     async def _infer(self, requests: list) -> list:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._run_batch, requests)
@@ -334,6 +350,9 @@ class GatedModelServer:
             response = await handler(t0)
         except RequestError as err:
             response = _error(err.status, str(err))
+        except ModelProcessError:  # the replica fails its health check and Ray replaces it
+            logger.exception("skipserve: %s: model process unavailable", route)
+            response = _error(503, "the model process is being restarted; retry")
         except Exception:  # a bug, not the client's fault: logged, answered as JSON 500
             logger.exception("skipserve: %s failed", route)
             response = _error(500, "internal error")

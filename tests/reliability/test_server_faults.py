@@ -23,4 +23,5 @@ def test_server_survives_bad_input_overload_and_a_killed_replica(gated_checkpoin
     memory = result["memory_mb"]
     assert 0 < memory["before"] and memory["peak"] < memory["before"] + 512, memory  # queues are bounded
     assert memory["after_storm_2"] < memory["after_storm_1"] + 64, memory  # a second storm does not add more
+    assert result["model_process_recovery_s"] is not None  # a killed model process is replaced too
     assert result["restarts"] >= 1 and result["restart_recovery_s"] is not None

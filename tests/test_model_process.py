@@ -1,0 +1,71 @@
+"""The executor in a child process: same answers as in-process, pipelined calls, and a dead child."""
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+from gating.policies import make_policy
+from serving.engine import Engine, Request
+from serving.model_process import ModelProcessError, ProcessEngine
+
+
+@pytest.fixture()
+def engines(gated_checkpoint):
+    remote = ProcessEngine(gated_checkpoint, threads=1)
+    yield remote, Engine(gated_checkpoint, threads=1)
+    remote.close()
+
+
+def _batch(seed: int, n: int = 6) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_same_answers_as_the_engine_in_this_process(engines):
+    remote, local = engines
+    requests = [Request(_batch(0), local.default_policy), Request(_batch(1, 3), make_policy("full", None)),
+                Request(_batch(2, 2), make_policy("budget", 0.3))]
+    for ours, theirs in zip(remote.run(requests), local.run(requests)):
+        assert torch.equal(ours.probabilities, theirs.probabilities)
+        assert torch.equal(ours.keep, theirs.keep) and torch.equal(ours.flops, theirs.flops)
+
+
+def test_concurrent_callers_each_get_their_own_answers(engines):
+    remote, local = engines
+    policy = local.default_policy
+    expected = {i: local.run([Request(_batch(i), policy)])[0].probabilities for i in range(8)}
+    got, errors = {}, []
+
+    def call(i):
+        try:
+            got[i] = remote.run([Request(_batch(i), policy)])[0].probabilities
+        except Exception as err:  # reported below, not lost in the thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and all(torch.equal(got[i], expected[i]) for i in range(8))
+
+
+def test_a_bad_batch_fails_alone_and_the_child_keeps_serving(engines):
+    remote, local = engines
+    with pytest.raises(ModelProcessError, match="failed on a batch"):
+        remote.run([Request(torch.zeros(2, 5, 32, 32), local.default_policy)])  # wrong channel count
+    assert remote.alive and remote.run([Request(_batch(0), local.default_policy)])[0].probabilities.shape == (6, 3)
+
+
+def test_a_killed_child_fails_every_call_clearly_and_closing_leaves_no_process(engines, gated_checkpoint):
+    remote, local = engines
+    os.kill(remote._proc.pid, signal.SIGKILL)
+    remote._proc.wait(10)
+    assert not remote.alive
+    for _ in range(2):  # the first call finds it gone, later ones fail at once
+        with pytest.raises(ModelProcessError, match="model process exited"):
+            remote.run([Request(_batch(0), local.default_policy)])
+    healthy = ProcessEngine(gated_checkpoint, threads=1)
+    healthy.close()  # closing the socket ends the child's loop: it exits by itself, code 0
+    assert healthy._proc.returncode == 0
