@@ -36,6 +36,7 @@ import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 from benchmarks.common import machine_info
 
@@ -289,49 +290,43 @@ def run(cfg: ReliabilityBenchConfig) -> dict:
                                "after_storm_2": round(memory["after"][1], 1)}
 
         if cfg.kill:
-            models = replica_pids(server.proc.pid, "serving.model_process")
-            t_kill = time.monotonic()
-            for pid in models:
-                os.kill(pid, signal.SIGKILL)
-            result["model_process_recovery_s"] = None
-            while models and time.monotonic() - t_kill < cfg.recovery_timeout_s:
-                try:
-                    r = client.post(base + "/v1/predict", content=jpegs[0], headers={"content-type": "image/jpeg"},
-                                    timeout=10)
-                    result["requests"] += 1
-                    status[r.status_code] += 1
-                    fresh = set(replica_pids(server.proc.pid, "serving.model_process")) - set(models)
-                    if r.status_code == 200 and fresh:
-                        result["model_process_recovery_s"] = time.monotonic() - t_kill
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-            result["wrong_answers"] += good_round(client, base)
+            def kill(marker: str) -> tuple[int, Optional[float]]:
+                return kill_and_time_recovery(client, base + "/v1/predict", jpegs[0], server.proc.pid, marker,
+                                              cfg.recovery_timeout_s, status, result)
 
-            victims = replica_pids(server.proc.pid)
-            t_kill = time.monotonic()
-            for pid in victims:
-                os.kill(pid, signal.SIGKILL)
-            result["restarts"] = len(victims)
-            while time.monotonic() - t_kill < cfg.recovery_timeout_s:
-                try:
-                    r = client.post(base + "/v1/predict", content=jpegs[0], headers={"content-type": "image/jpeg"},
-                                    timeout=10)
-                    result["requests"] += 1
-                    status[r.status_code] += 1
-                    if r.status_code == 200 and replica_pids(server.proc.pid):
-                        result["restart_recovery_s"] = time.monotonic() - t_kill
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
+            _, result["model_process_recovery_s"] = kill("serving.model_process")
+            result["wrong_answers"] += good_round(client, base)
+            result["restarts"], result["restart_recovery_s"] = kill("ServeReplica")
             result["wrong_answers"] += good_round(client, base)
         result["server_crashes"] = int(server.proc.poll() is not None)
     result["status_counts"] = {str(k): v for k, v in sorted(status.items())}
     result.update(benchmark="reliability", checkpoint=cfg.checkpoint, config=asdict(cfg), server_log=log,
                   machine=machine_info())
     return result
+
+
+def kill_and_time_recovery(client, url: str, jpeg: bytes, server_pid: int, marker: str, timeout_s: float,
+                           status: Counter, result: dict) -> tuple[int, Optional[float]]:
+    """SIGKILL every process under the server whose command line holds ``marker``; returns how many,
+    and the seconds until a new one is there and the server answers an image with 200 (None: not
+    within ``timeout_s``). Every request sent meanwhile is counted in ``status`` and ``result``."""
+    import httpx
+
+    victims = set(replica_pids(server_pid, marker))
+    t_kill = time.monotonic()
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    while victims and time.monotonic() - t_kill < timeout_s:
+        try:
+            r = client.post(url, content=jpeg, headers={"content-type": "image/jpeg"}, timeout=10)
+            result["requests"] += 1
+            status[r.status_code] += 1
+            if r.status_code == 200 and set(replica_pids(server_pid, marker)) - victims:
+                return len(victims), time.monotonic() - t_kill
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return len(victims), None
 
 
 async def _overload(url: str, body: bytes, cfg: ReliabilityBenchConfig) -> dict:
