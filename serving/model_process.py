@@ -42,7 +42,8 @@ def _receive(conn: Connection):
 
 
 class ProcessEngine(Engine):
-    """``Engine`` whose ``run`` executes in a child process (one batch at a time)."""
+    """``Engine`` whose ``run`` executes in a child process: batches run there one after another, and
+    callers on several threads may queue the next ones meanwhile."""
 
     def __init__(self, checkpoint: str | os.PathLike, *, threads: int | None = None, start_timeout_s: float = 120.0):
         super().__init__(checkpoint, threads=threads)  # metadata and request preparation stay here
