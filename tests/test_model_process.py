@@ -69,3 +69,12 @@ def test_a_killed_child_fails_every_call_clearly_and_closing_leaves_no_process(e
     healthy = ProcessEngine(gated_checkpoint, threads=1)
     healthy.close()  # closing the socket ends the child's loop: it exits by itself, code 0
     assert healthy._proc.returncode == 0
+
+
+@pytest.mark.parametrize("value,expected", [(None, True), (False, False), ("false", False), ("yes", True)])
+def test_the_app_runs_the_model_process_unless_told_not_to(value, expected):
+    pytest.importorskip("ray.serve", reason="the app's settings live beside the Ray Serve deployment")
+    from serving.app import ServerSettings
+
+    args = {} if value is None else {"model_process": value}
+    assert ServerSettings.from_args(args).model_process is expected
