@@ -113,12 +113,12 @@ class CifarBasicBlock(ResidualUnit):
         self.conv2 = conv3x3(inner, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.stride = stride
-        self.pad = planes - in_planes  # option A: zero channels added by the shortcut
-        self.identity_shortcut = stride == 1 and self.pad == 0 and sources is None
+        pad = planes - in_planes  # option A: zero channels added by the shortcut
+        self.identity_shortcut = stride == 1 and pad == 0 and sources is None
         index = None
         # option A's form, generalised: input channels [start, start + count) land at output channel
         # ``before``, zeros around; a pruned stream gets this form whenever surgery could order it so
-        self.run = (0, in_planes, self.pad // 2, self.pad - self.pad // 2)  # (start, count, before, after)
+        self.run = (0, in_planes, pad // 2, pad - pad // 2)  # (start, count, before, after)
         if sources is not None:  # a pruned stream: output channel j copies input sources[j], or is zero (-1)
             if len(sources) != planes or any(not -1 <= c < in_planes for c in sources):
                 raise ValueError(f"shortcut sources must be {planes} channel indices in [-1, {in_planes}), "
@@ -126,7 +126,7 @@ class CifarBasicBlock(ResidualUnit):
             self.run = _as_run(list(sources))
             if self.run is None:  # -1 indexes the zero channel appended after the input's channels
                 index = torch.tensor([in_planes if c < 0 else c for c in sources], dtype=torch.long)
-        elif self.pad < 0:
+        elif pad < 0:
             raise ValueError(f"option-A shortcut cannot narrow {in_planes} to {planes} channels")
         self.register_buffer("sources", index, persistent=False)  # structure from the ArchSpec, not a weight
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from gating.backbones import CifarBasicBlock, ResidualBackbone
 from gating.registry import Registry
-from training.pruning.surgery import stages, stream_readers
+from training.pruning.surgery import stages, stream_readers, stream_writers
 
 CRITERIA: Registry[type["Criterion"]] = Registry("pruning method")
 
@@ -49,13 +49,6 @@ def unit_inputs(backbone: ResidualBackbone, sample: torch.Tensor) -> list[torch.
     with torch.no_grad():
         inputs, _ = backbone.eval().unit_inputs(sample)
     return inputs
-
-
-def stream_writers(backbone: ResidualBackbone) -> list[list[tuple[torch.nn.Conv2d, torch.nn.BatchNorm2d]]]:
-    """Per stage, the (conv, BN) pairs whose outputs are that stage's stream channels."""
-    out = [[(u.conv2, u.bn2) for u in (backbone.units[i] for i in g)] for g in stages(backbone)]
-    out[0].insert(0, (backbone.stem[0], backbone.stem[1]))
-    return out
 
 
 def _per_layer(values: list[torch.Tensor]) -> torch.Tensor:

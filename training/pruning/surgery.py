@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from torch import nn
 
 from gating.backbones import CifarBasicBlock, ResidualBackbone, build_backbone
 
@@ -45,6 +46,13 @@ def stream_readers(backbone: ResidualBackbone) -> list[list[int]]:
     return [(g[1:] if s else g) + ([groups[s + 1][0]] if s + 1 < len(groups) else []) for s, g in enumerate(groups)]
 
 
+def stream_writers(backbone: ResidualBackbone) -> list[list[tuple[nn.Conv2d, nn.BatchNorm2d]]]:
+    """Per stage, the (conv, BN) pairs whose outputs are that stage's stream channels."""
+    out = [[(u.conv2, u.bn2) for u in (backbone.units[i] for i in g)] for g in stages(backbone)]
+    out[0].insert(0, (backbone.stem[0], backbone.stem[1]))
+    return out
+
+
 def _sources(unit: CifarBasicBlock) -> list[int]:
     """Input channel each output channel of a down-sampling shortcut copies (-1: zero)."""
     if unit.sources is not None:
@@ -56,10 +64,8 @@ def _sources(unit: CifarBasicBlock) -> list[int]:
 def _stream_order(keep: list[list[int]], sources: list[list[int]]) -> list[list[int]]:
     """The kept channels of each stage in an order that lets every down-sampling shortcut be a slice
     and a zero pad (no gather): what a shortcut copies sits in one block of its input and lands in one
-    block of its output. Three stages (CIFAR ResNets): the middle stage holds [copied in only, copied in
-    and out, copied out only, neither]; the first and last follow it. Other stage counts keep index order."""
-    if len(keep) != 3:
-        return keep
+    block of its output. CIFAR ResNets have three stages: the middle one holds [copied in only, copied
+    in and out, copied out only, neither]; the first and last follow it."""
     k0, k1 = set(keep[0]), set(keep[1])
     into1 = [d for d in keep[1] if sources[0][d] in k0]  # stage-1 channels its shortcut fills
     into2 = [d for d in keep[2] if sources[1][d] in k1]
