@@ -30,7 +30,7 @@ def test_series_where_random_is_better_are_named_with_their_worst_point():
 
 
 def test_replot_redraws_from_results_and_refuses_a_directory_without_them(tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="replot draws the report's plots")
     with pytest.raises(FileNotFoundError, match="results.json"):
         replot(tmp_path)
     trained = {"name": "resnet8 gate, budget", "gate": "resnet8", "rule": "budget",
