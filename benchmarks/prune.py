@@ -44,6 +44,8 @@ class PruneBenchConfig:
     repeats_b64: int = 20
     timing_processes: int = 5  # fresh processes the speedups are the median over
     stages: bool = False  # channel methods also thin the stage streams (ChannelPruner.stages)
+    allocation: str = "sensitivity"  # inner widths per unit (ChannelPruner.allocation)
+    align: int = 16  # sensitivity: widths in multiples of this
     seed: int = 0
 
 
@@ -127,8 +129,8 @@ def run(cfg: PruneBenchConfig) -> dict:
             if method == "torch-pruning":
                 pruned, extra = torch_pruning_baseline(base, cfg.ratio, model.flops.full), {}
             else:
-                pruned, extra = prune_backbone(method, cfg.ratio, base, train, seed=cfg.seed,
-                                               stages=cfg.stages)
+                pruned, extra = prune_backbone(method, cfg.ratio, base, train, seed=cfg.seed, stages=cfg.stages,
+                                               allocation=cfg.allocation, align=cfg.align)
             seconds = time.perf_counter() - t0
             pruned_model = GatedModel(pruned, card=model.card)
             flops = pruned_model.flops.full
@@ -146,7 +148,7 @@ def run(cfg: PruneBenchConfig) -> dict:
             elif cfg.finetune_epochs:
                 tuned = finetune_pruned(pruned_model, replace(data_cfg, channels_last=True), cfg.finetune_epochs,
                                         str(Path(tmp) / f"{method}.safetensors"), str(Path(tmp) / f"{method}-ft"),
-                                        cfg.seed)
+                                        cfg.seed, teacher=str(path))
                 entry["top1_after_finetune"] = evaluate(tuned.backbone, val)
             results.append(entry)
     timed = speedups(base, to_time, cfg)
@@ -154,5 +156,6 @@ def run(cfg: PruneBenchConfig) -> dict:
         entry.update(timed.get(entry["method"], {}))
     return {"benchmark": "prune", "checkpoint": cfg.checkpoint, "ratio": cfg.ratio,
             "finetune_epochs": cfg.finetune_epochs, "timing_processes": cfg.timing_processes, "stages": cfg.stages,
+            "allocation": cfg.allocation, "align": cfg.align,
             "unpruned": {"params": base_params, "flops": model.flops.full, "top1": evaluate(base, val)},
             "machine": machine_info(), "results": results}

@@ -32,7 +32,8 @@ class ArchSpec:
     name: str  # registered builder, e.g. "resnet32" or "resnet18"
     num_classes: int = 10
     # Static channel pruning (CIFAR ResNets only) shrinks the next three; None = standard.
-    # inner (first conv output) width of each unit; None = its stage width
+    # inner (first conv output) width of each unit; None = its stage width; 0 = the unit is removed
+    # (identity units only: a removed unit is its shortcut, so nothing of it is built or run)
     inner_widths: Optional[tuple[int, ...]] = None
     # residual-stream width of each stage (stem and every unit of the stage write it)
     stage_widths: Optional[tuple[int, ...]] = None
@@ -223,11 +224,15 @@ def _cifar_resnet(spec: ArchSpec, depth: int) -> ResidualBackbone:
         raise ValueError(f"{spec.name}: shortcut_sources must hold 2 lists (one per down-sampling unit)")
     widths = [w for w in stages for _ in range(per_stage)]
     inner = spec.inner_widths or tuple(widths)
-    if len(inner) != len(widths) or min(inner) < 1:
-        raise ValueError(f"{spec.name}: inner_widths must be {len(widths)} positive ints, got {inner}")
+    down = [i for i in range(per_stage, len(widths), per_stage)]  # down-sampling units: they change the shape
+    if len(inner) != len(widths) or min(inner) < 0 or min(inner[i] for i in down) < 1:
+        raise ValueError(f"{spec.name}: inner_widths must be {len(widths)} ints >= 0, and >= 1 for the "
+                         f"down-sampling units {down}, got {inner}")
     stem = nn.Sequential(conv3x3(3, stages[0]), nn.BatchNorm2d(stages[0]), nn.ReLU(inplace=True))
     units, in_planes = [], stages[0]
     for i, planes in enumerate(widths):
+        if inner[i] == 0:
+            continue  # removed: an identity unit's skip path is its input itself
         first = i > 0 and i % per_stage == 0  # first unit of stages 2 and 3: stride 2
         units.append(CifarBasicBlock(in_planes, planes, 2 if first else 1, inner=inner[i],
                                      sources=sources[i // per_stage - 1] if first else None))

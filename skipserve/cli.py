@@ -188,7 +188,8 @@ def _prune(args: argparse.Namespace) -> int:
     from training.pruning.run import prune_checkpoint
 
     report = prune_checkpoint(args.method, args.ratio, args.checkpoint, args.data, args.out,
-                              finetune_epochs=args.finetune_epochs, stages=args.stages)
+                              finetune_epochs=args.finetune_epochs, stages=args.stages,
+                              allocation=args.allocation, align=args.align)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -197,7 +198,8 @@ def _bench_prune(args: argparse.Namespace) -> int:
     from benchmarks.prune import PruneBenchConfig, run
 
     cfg = PruneBenchConfig(checkpoint=args.checkpoint, data=args.data, ratio=args.ratio,
-                           finetune_epochs=args.finetune_epochs, threads=args.threads, stages=args.stages)
+                           finetune_epochs=args.finetune_epochs, threads=args.threads, stages=args.stages,
+                           allocation=args.allocation, align=args.align)
     if args.methods:
         cfg.methods = tuple(args.methods.split(","))
     if args.quick:
@@ -353,6 +355,16 @@ def _add_stage_options(p: argparse.ArgumentParser, run_dir_default: str) -> None
     p.add_argument("--device", help="cpu, cuda, or auto (default: the accelerator when present)")
 
 
+def _add_allocation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stages", action="store_true",
+                   help="also thin every stage's residual stream, not only the units' inner channels")
+    p.add_argument("--allocation", choices=["sensitivity", "uniform"], default="sensitivity",
+                   help="inner widths: multiples of --align chosen by each unit's measured output change, an "
+                        "identity unit possibly removed (default: sensitivity); or the same fraction per unit")
+    p.add_argument("--align", type=int, default=16,
+                   help="sensitivity: inner widths in multiples of this (default: 16, the fp32 lanes of AVX-512)")
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-backbone", help="S1: pretrain a CIFAR ResNet backbone (resumable)")
     p.add_argument("--arch", help="backbone, e.g. resnet32")
@@ -418,8 +430,7 @@ def _add_stages(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="backbone checkpoint (S1) or shipped name")
     p.add_argument("--data", default=DEFAULT_DATA, help="training images: samples for data-driven criteria, "
                                                         "validation split for top-1")
-    p.add_argument("--stages", action="store_true",
-                   help="also thin every stage's residual stream, not only the units' inner channels")
+    _add_allocation(p)
     p.add_argument("--out", required=True, help="pruned checkpoint to write")
     p.add_argument("--finetune-epochs", type=int, default=0)
     p.set_defaults(func=_prune)
@@ -499,8 +510,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of FLOPs to remove (default: 0.5)")
     p.add_argument("--finetune-epochs", type=int, default=0)
-    p.add_argument("--stages", action="store_true",
-                   help="also thin every stage's residual stream, not only the units' inner channels")
+    _add_allocation(p)
     p.add_argument("--methods", help="comma-separated subset (default: all, and torch-pruning)")
     p.add_argument("--quick", action="store_true", help="fewer timing repetitions")
     p = benchmark("serving", "closed-loop HTTP load: gated deployment vs policy full, same batching", _bench_serving)

@@ -6,7 +6,7 @@ from gating.flops import profile_backbone
 from gating.model import GatedModel
 from training.pruning.criteria import CRITERIA, Genetic, Lasso, _contributions, inner_activation
 from training.pruning.magnitude import CSR, magnitude_prune
-from training.pruning.pruner import ChannelPruner
+from training.pruning.pruner import ChannelPruner, _knapsack
 from training.pruning.surgery import prune_inner_channels, prune_stage_channels, stream_readers
 from training.pruning.surgery import stages as stages_of
 from tests.conftest import make_backbone
@@ -152,6 +152,92 @@ def test_every_method_scores_every_stream_channel(method):
     assert all(torch.isfinite(s).all() for s in scores)
     if method == "genetic":  # a mask search: exactly the requested channels marked
         assert [int((s >= 1).sum()) for s in scores] == [11, 23, 45]
+
+
+@pytest.mark.parametrize("method", CRITERIA.names())
+def test_sensitivity_allocation_meets_the_ratio_with_aligned_widths_and_removed_units(method):
+    backbone = make_backbone("resnet20")
+    full = profile_backbone(backbone).full
+    pruner = ChannelPruner(CRITERIA.get(method)(), 0.5, allocation="sensitivity", align=16)
+    pruned = pruner.prune(backbone, SAMPLE)
+    assert 0.5 <= 1 - profile_backbone(pruned).full / full < 0.6
+    widths = pruned.spec.inner_widths
+    assert len(widths) == 9 and all(w % 16 == 0 for w in widths)
+    assert widths[3] >= 16 and widths[6] >= 16  # down-sampling units change the shape: never removed
+    assert pruned.num_units == sum(w > 0 for w in widths)
+    assert [u.conv1.out_channels for u in pruned.units] == [w for w in widths if w]
+    with torch.no_grad():
+        assert pruned(SAMPLE).shape == (32, 10)
+    from gating.backbones import build_backbone
+    rebuilt = build_backbone(pruned.spec)  # the spec alone rebuilds it (removed units included)
+    rebuilt.load_state_dict(pruned.state_dict())
+
+
+def test_removing_a_unit_equals_skipping_it_and_partial_cuts_equal_zeroed_channels():
+    from gating.executor import execute
+
+    backbone = make_backbone("resnet20")
+    keep = [torch.arange(u.conv1.out_channels) for u in backbone.units]
+    keep[1], keep[4], keep[7] = torch.tensor([], dtype=torch.long), torch.tensor([0, 5, 9]), keep[7][::2]
+    pruned = prune_inner_channels(backbone, keep)
+    assert pruned.spec.inner_widths == (16, 0, 16, 32, 3, 32, 64, 32, 64) and pruned.num_units == 8
+    zeroed = _zero_inner(backbone, {4: keep[4], 7: keep[7]})
+    skip_1 = torch.ones(32, 9, dtype=torch.bool)
+    skip_1[:, 1] = False
+    with torch.no_grad():
+        assert torch.allclose(pruned(SAMPLE), execute(zeroed, SAMPLE, skip_1), atol=1e-5)
+        again = prune_inner_channels(pruned, [torch.arange(u.conv1.out_channels) for u in pruned.units])
+        assert again.spec.inner_widths == pruned.spec.inner_widths  # positions survive a second cut
+        assert torch.allclose(again(SAMPLE), pruned(SAMPLE), atol=1e-5)
+    with pytest.raises(ValueError, match="unit 3 changes the shape"):
+        prune_inner_channels(backbone, [torch.tensor([], dtype=torch.long) if i == 3 else k
+                                        for i, k in enumerate(keep)])
+
+
+def _zero_inner(backbone, keep: dict):
+    """A copy whose unit i outputs zero on inner channels outside keep[i] (conv1 and bn1 zeroed there)."""
+    import copy
+
+    out = copy.deepcopy(backbone)
+    with torch.no_grad():
+        for i, k in keep.items():
+            drop = torch.ones(out.units[i].conv1.out_channels, dtype=torch.bool)
+            drop[k] = False
+            out.units[i].conv1.weight[drop] = 0
+            out.units[i].bn1.bias[drop] = 0
+            out.units[i].bn1.running_mean[drop] = 0
+    return out
+
+
+def test_sensitivity_removes_the_unit_whose_residual_is_dead_first():
+    backbone = make_backbone("resnet20")
+    with torch.no_grad():  # unit 7's residual branch outputs exactly zero: removing it changes nothing
+        backbone.units[7].bn2.weight.zero_()
+        backbone.units[7].bn2.bias.zero_()
+    profile = profile_backbone(backbone)
+    ratio = 0.9 * profile.unit_run[7] / profile.full  # less than one unit 7: one removal is enough
+    pruned = ChannelPruner(CRITERIA.get("l1")(), ratio, allocation="sensitivity", align=8).prune(backbone, SAMPLE)
+    assert pruned.spec.inner_widths == (16, 16, 16, 32, 32, 32, 64, 0, 64)
+    with torch.no_grad():
+        assert torch.allclose(pruned(SAMPLE), backbone(SAMPLE), atol=1e-5)
+
+
+def test_knapsack_is_optimal_against_brute_force():
+    import itertools
+
+    g = torch.Generator().manual_seed(3)
+    costs = [sorted(torch.rand(3, generator=g).tolist(), reverse=True) for _ in range(5)]
+    flops = [[0.0, 1.0 + i * 0.3, 2.0 + i * 0.5] for i in range(5)]
+    for i in range(5):
+        costs[i][2] = 0.0  # the full width changes nothing
+    budget = 5.0
+    best = min((sum(costs[i][j] for i, j in enumerate(pick)), pick)
+               for pick in itertools.product(range(3), repeat=5)
+               if sum(flops[i][j] for i, j in enumerate(pick)) <= budget)
+    pick = _knapsack(costs, flops, budget)
+    assert sum(flops[i][j] for i, j in enumerate(pick)) <= budget
+    assert sum(costs[i][j] for i, j in enumerate(pick)) == pytest.approx(best[0])
+    assert _knapsack(costs, [[9.0] * 3] * 5, budget) is None
 
 
 def test_uniform_allocation_counts():

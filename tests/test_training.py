@@ -162,8 +162,8 @@ def killed_mid_epoch_two(monkeypatch, stage_module, batch: int = 5):
 
 
 def _tiny_s1(image_dir, **kw):
-    return BackboneConfig(arch="resnet20", data=str(image_dir), val_fraction=0.25, epochs=2, batch_size=16,
-                          channels_last=False, **kw)
+    return BackboneConfig(**{"arch": "resnet20", "data": str(image_dir), "val_fraction": 0.25, "epochs": 2,
+                             "batch_size": 16, "channels_last": False, **kw})
 
 
 @pytest.mark.parametrize("restarts", [[], [1]], ids=["one-cycle", "warm-restart"])
@@ -227,6 +227,34 @@ def test_distillation_loss_mixes_hinton_and_cross_entropy():
     only_teacher = [train_on_own_paths(model, x, labels, teacher=teacher, distill=1.0).item()
                     for labels in (y, (y + 1) % 10)]
     assert only_teacher[0] == pytest.approx(only_teacher[1])  # labels no longer matter
+
+
+def test_s1_distillation_pulls_the_student_towards_its_teacher(image_dir, tmp_path):
+    from gating.backbones import ArchSpec, build_backbone
+    from tests.conftest import randomize_bn
+    from training.backbone import distillation, load_split
+    from training.data import normalize
+
+    start = train_backbone(_tiny_s1(image_dir, epochs=1), tmp_path / "start")
+    torch.manual_seed(7)  # a teacher that disagrees with the labels: random weights
+    t = randomize_bn(build_backbone(ArchSpec("resnet20", num_classes=len(CLASSES))), 7).eval()
+    teacher = tmp_path / "teacher.safetensors"
+    GatedModel(t, card=GatedModel.load(start).card).save(teacher)
+    train, _ = load_split(_tiny_s1(image_dir))
+    x = normalize(train.images)
+
+    def gap(path):
+        with torch.no_grad():
+            return distillation(GatedModel.load(path).backbone.eval()(x), t, x, 4.0).item()
+
+    common = dict(init=str(start), epochs=3, lr=0.05, warmup_epochs=0.0)
+    plain = train_backbone(_tiny_s1(image_dir, **common), tmp_path / "plain")
+    taught = train_backbone(_tiny_s1(image_dir, teacher=str(teacher), distill=1.0, **common), tmp_path / "taught")
+    assert gap(taught) < 0.5 * gap(plain)
+    with torch.no_grad():
+        assert distillation(t(x), t, x, 4.0).item() == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(ValueError, match="distill must be in \\[0, 1\\]"):
+        train_backbone(_tiny_s1(image_dir, teacher=str(teacher), distill=1.5), tmp_path / "bad")
 
 
 def test_killed_finetune_resumes_to_the_same_weights(image_dir, gated_checkpoint, tmp_path, monkeypatch):

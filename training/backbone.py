@@ -47,6 +47,9 @@ class BackboneConfig:
     compile: bool = False  # torch.compile the training forward (~40 s to compile, ~1.3x faster steps on CPU)
     init: Optional[str] = None  # start from this checkpoint's backbone (e.g. a pruned one); arch comes from it
     keep_zeros: bool = False  # with init: weights exactly zero there stay zero (magnitude-pruned retraining)
+    teacher: Optional[str] = None  # checkpoint whose backbone, run in full, the model learns to imitate
+    distill: float = 0.0  # weight of Hinton distillation from the teacher (0 = plain cross-entropy)
+    temperature: float = 4.0  # softens teacher and student logits for distillation
 
 
 def cycle_of(cfg: BackboneConfig, epoch: float) -> tuple[int, int]:
@@ -92,6 +95,14 @@ def evaluate(model: torch.nn.Module, data: ImageSet, *, batch_size: int = 500,
     return correct / max(len(data), 1)
 
 
+def distillation(logits: torch.Tensor, teacher: torch.nn.Module, x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al. 2015: T^2 * KL(teacher || student) on temperature-softened logits."""
+    with torch.no_grad():
+        target = F.log_softmax(teacher(x).float() / temperature, dim=1)
+    student = F.log_softmax(logits.float() / temperature, dim=1)
+    return temperature ** 2 * F.kl_div(student, target, log_target=True, reduction="batchmean")
+
+
 def bn_l1_subgradient(model: torch.nn.Module, strength: float) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d) and m.weight.grad is not None:
@@ -103,6 +114,8 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
     cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))  # one run, however the path is spelled
     if any(not 0 < r < cfg.epochs for r in cfg.restarts) or (cfg.restarts and cfg.schedule != "cosine"):
         raise ValueError(f"restarts {cfg.restarts} must be epochs inside (0, {cfg.epochs}) of a cosine schedule")
+    if not 0 <= cfg.distill <= 1:
+        raise ValueError(f"distill must be in [0, 1], got {cfg.distill}")
     run = RunDir(run_dir, "backbone")
     run.check_config(cfg)
     device = pick_device(cfg.device)
@@ -133,6 +146,9 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     use_amp = use_bf16(device, cfg.amp)
     forward = torch.compile(model) if cfg.compile else model  # state dicts stay those of `model`
+    teacher = None
+    if cfg.teacher and cfg.distill:
+        teacher = GatedModel.load(cfg.teacher).backbone.eval().requires_grad_(False).to(device, memory_format=fmt)
 
     for epoch in range(start_epoch, cfg.epochs):
         if epoch in cfg.restarts:
@@ -150,6 +166,8 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = forward(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                if teacher is not None:
+                    loss = (1 - cfg.distill) * loss + cfg.distill * distillation(logits, teacher, x, cfg.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.bn_l1:

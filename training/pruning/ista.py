@@ -89,6 +89,7 @@ def remove_zero_gamma(backbone: ResidualBackbone, keep: list[torch.Tensor] | Non
             level = F.relu(unit.bn1.bias[constant])  # the channel's output everywhere
             contribution = (unit.conv2.weight[:, constant].sum((2, 3)) * level).sum(1)  # (out,) interior value
             unit.bn2.running_mean.sub_(contribution)
-    if any(len(k) == 0 for k in keep):
-        raise ValueError("ISTA zeroed every inner channel of a unit; lower rho")
+    for i, (unit, k) in enumerate(zip(backbone.units, keep)):
+        if len(k) == 0 and not unit.identity_shortcut:
+            raise ValueError(f"ISTA zeroed every inner channel of down-sampling unit {i}; lower rho")
     return prune_inner_channels(backbone, keep)

@@ -12,6 +12,7 @@ import torch
 from gating.checkpoint import CheckpointError, load_tensors
 from gating.backbones import ResidualBackbone
 from gating.model import GatedModel
+from gating.zoo import resolve_checkpoint
 from training.backbone import BackboneConfig, evaluate, load_split, train_backbone
 from training.data import ImageSet, normalize
 from training.pruning.criteria import CRITERIA
@@ -20,6 +21,7 @@ from training.pruning.magnitude import magnitude_prune
 from training.pruning.pruner import ChannelPruner
 
 METHODS = CRITERIA.names() + ["ista", "magnitude"]
+DISTILL = 0.7  # finetuning's weight on imitating the unpruned model (the default recipe's S5 value)
 
 
 def validate(method: str, ratio: float, checkpoint: str) -> None:
@@ -37,7 +39,8 @@ def validate(method: str, ratio: float, checkpoint: str) -> None:
 
 
 def prune_backbone(method: str, ratio: float, backbone: ResidualBackbone, train: ImageSet, *,
-                   sample_images: int = 256, seed: int = 0, stages: bool = False) -> tuple[ResidualBackbone, dict]:
+                   sample_images: int = 256, seed: int = 0, stages: bool = False,
+                   allocation: str = "sensitivity", align: int = 16) -> tuple[ResidualBackbone, dict]:
     """Prune a copy of ``backbone``; returns it and what the method reports (magnitude: sparsity, CSR size)."""
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(train), generator=g)[:sample_images]
@@ -53,18 +56,21 @@ def prune_backbone(method: str, ratio: float, backbone: ResidualBackbone, train:
     if method == "ista":  # ISTA-train gamma, then drop the smallest |gamma| (the zeros first) to meet the ratio
         backbone = ista_train(backbone.train(), train, IstaConfig(seed=seed))
         report["zero_gamma_channels"] = sum(int((u.bn1.weight == 0).sum()) for u in backbone.units)
-        pruner = ChannelPruner(CRITERIA.get("slimming")(), ratio, stages=stages)
+        pruner = ChannelPruner(CRITERIA.get("slimming")(), ratio, stages=stages, allocation=allocation, align=align)
         if stages:
-            backbone, pruner = pruner.thin_stages(backbone, None)
-        return remove_zero_gamma(backbone, pruner.select(backbone, None)), report
-    return ChannelPruner(CRITERIA.get(method)(), ratio, stages=stages).prune(backbone, x), report
+            backbone, pruner = pruner.thin_stages(backbone, x)
+        return remove_zero_gamma(backbone, pruner.select(backbone, x)), report
+    pruner = ChannelPruner(CRITERIA.get(method)(), ratio, stages=stages, allocation=allocation, align=align)
+    return pruner.prune(backbone, x), report
 
 
 def finetune_pruned(model: GatedModel, cfg: BackboneConfig, epochs: int, out: str, run_dir: str,
-                    seed: int = 0, keep_zeros: bool = False) -> GatedModel:
-    """Train a pruned backbone from its weights for a few epochs (cosine from lr 0.02)."""
+                    seed: int = 0, keep_zeros: bool = False, teacher: Optional[str] = None) -> GatedModel:
+    """Train a pruned backbone from its weights for a few epochs (cosine from lr 0.02); with ``teacher``
+    (the unpruned checkpoint) the loss also distils its outputs, as S5 does for the gated model."""
     model.save(out)
-    ft = replace(cfg, init=str(out), epochs=epochs, lr=0.02, warmup_epochs=0.0, seed=seed, keep_zeros=keep_zeros)
+    ft = replace(cfg, init=str(out), epochs=epochs, lr=0.02, warmup_epochs=0.0, seed=seed, keep_zeros=keep_zeros,
+                 teacher=teacher, distill=DISTILL if teacher else 0.0)
     return GatedModel.load(train_backbone(ft, run_dir))
 
 
@@ -84,7 +90,9 @@ def iterative_magnitude(model: GatedModel, ratio: float, train: ImageSet, cfg: B
 
 def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out: str, *,
                      finetune_epochs: int = 0, sample_images: int = 256, seed: int = 0,
-                     run_dir: Optional[str] = None, stages: bool = False) -> dict:
+                     run_dir: Optional[str] = None, stages: bool = False, allocation: str = "sensitivity",
+                     align: int = 16) -> dict:
+    checkpoint = str(resolve_checkpoint(checkpoint))
     validate(method, ratio, checkpoint)
     model = GatedModel.load(checkpoint)
     s1 = model.card.info.get("config") or {}
@@ -93,8 +101,8 @@ def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out:
     train, val = load_split(cfg)
     t0 = time.perf_counter()
     pruned, report = prune_backbone(method, ratio, model.backbone, train, sample_images=sample_images, seed=seed,
-                                    stages=stages)
-    report = {"method": method, "ratio": ratio, "stages": stages, **report, "seconds": time.perf_counter() - t0,
+                                    stages=stages, allocation=allocation, align=align)
+    report = {"method": method, "ratio": ratio, "stages": stages, "allocation": allocation, "align": align, **report, "seconds": time.perf_counter() - t0,
               "top1_before_finetune": evaluate(pruned, val)}
     result = GatedModel(pruned, card=replace(model.card, info={**model.card.info, "pruned": report}))
     run_dir = run_dir or str(Path(out).with_suffix("")) + "-finetune"
@@ -103,7 +111,7 @@ def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out:
         report.update(report_final, top1_after_finetune=evaluate(result.backbone, val))
         result.card.info = {**result.card.info, "pruned": report}
     elif finetune_epochs:
-        result = finetune_pruned(result, cfg, finetune_epochs, out, run_dir, seed)
+        result = finetune_pruned(result, cfg, finetune_epochs, out, run_dir, seed, teacher=checkpoint)
         report["top1_after_finetune"] = evaluate(result.backbone, val)
         result.card.info = {**result.card.info, "pruned": report}
     result.save(out)

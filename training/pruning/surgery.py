@@ -85,25 +85,43 @@ def inner_flops_per_channel(backbone: ResidualBackbone, profile) -> list[float]:
     return [run / unit.conv1.out_channels for unit, run in zip(backbone.units, profile.unit_run)]
 
 
+def inner_widths(backbone: ResidualBackbone, widths: list[int] | None = None) -> tuple[int, ...]:
+    """The spec's per-position inner widths (0 where a unit was removed), with the present units' widths
+    replaced by ``widths`` (default: their current ones)."""
+    n = len(backbone.spec.inner_widths) if backbone.spec.inner_widths else backbone.num_units
+    present = [i for i in range(n) if not backbone.spec.inner_widths or backbone.spec.inner_widths[i] > 0]
+    widths = [u.conv1.out_channels for u in backbone.units] if widths is None else widths
+    out = [0] * n
+    for i, w in zip(present, widths):
+        out[i] = w
+    return tuple(out)
+
+
 @torch.no_grad()
 def prune_inner_channels(backbone: ResidualBackbone, keep: list[torch.Tensor]) -> ResidualBackbone:
-    """A new backbone keeping, in unit i, only inner channels ``keep[i]`` (indices)."""
+    """A new backbone keeping, in unit i, only inner channels ``keep[i]`` (indices); an identity unit
+    that keeps none is removed (it was its shortcut's identity plus a residual branch, now gone)."""
     check_prunable(backbone)
     if len(keep) != backbone.num_units:
         raise ValueError(f"need one index set per unit ({backbone.num_units}), got {len(keep)}")
     keep = [k.sort().values for k in keep]
     for i, (k, unit) in enumerate(zip(keep, backbone.units)):
-        if len(k) == 0 or k.max() >= unit.conv1.out_channels or len(k.unique()) != len(k):
+        if len(k) == 0 and not unit.identity_shortcut:
+            raise ValueError(f"unit {i} changes the shape (its shortcut is not the identity): it cannot lose "
+                             "every inner channel")
+        if len(k) and (k.max() >= unit.conv1.out_channels or len(k.unique()) != len(k)):
             raise ValueError(f"unit {i}: invalid channel indices {k.tolist()[:8]}")
-    spec = replace(backbone.spec, inner_widths=tuple(len(k) for k in keep))
+    spec = replace(backbone.spec, inner_widths=inner_widths(backbone, [len(k) for k in keep]))
     pruned = build_backbone(spec)
-    state = {k: v.clone() for k, v in backbone.state_dict().items()}
-    for i, k in enumerate(keep):
-        p = f"units.{i}."
-        state[p + "conv1.weight"] = state[p + "conv1.weight"][k]
+    old = backbone.state_dict()
+    state = {k: v.clone() for k, v in old.items() if not k.startswith("units.")}
+    for j, i in enumerate(i for i, k in enumerate(keep) if len(k)):  # j: index in the pruned backbone
+        k, p, q = keep[i], f"units.{i}.", f"units.{j}."
+        state.update({q + name[len(p):]: v.clone() for name, v in old.items() if name.startswith(p)})
+        state[q + "conv1.weight"] = old[p + "conv1.weight"][k]
         for name in ("weight", "bias", "running_mean", "running_var"):
-            state[p + f"bn1.{name}"] = state[p + f"bn1.{name}"][k]
-        state[p + "conv2.weight"] = state[p + "conv2.weight"][:, k]
+            state[q + f"bn1.{name}"] = old[p + f"bn1.{name}"][k]
+        state[q + "conv2.weight"] = old[p + "conv2.weight"][:, k]
     pruned.load_state_dict(state)
     return pruned.train(backbone.training)
 
@@ -128,7 +146,7 @@ def prune_stage_channels(backbone: ResidualBackbone, keep: list[torch.Tensor]) -
         position = {int(c): j for j, c in enumerate(keep[s - 1])}  # old input channel -> new index
         sources.append(tuple(position.get(old[s - 1][int(c)], -1) for c in keep[s]))
     spec = replace(backbone.spec, stage_widths=tuple(len(k) for k in keep), shortcut_sources=tuple(sources),
-                   inner_widths=tuple(u.conv1.out_channels for u in backbone.units))
+                   inner_widths=inner_widths(backbone))
     pruned = build_backbone(spec)
     state = {k: v.clone() for k, v in backbone.state_dict().items()}
     state["stem.0.weight"] = state["stem.0.weight"][keep[0]]
