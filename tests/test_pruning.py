@@ -189,6 +189,9 @@ def test_removing_a_unit_equals_skipping_it_and_partial_cuts_equal_zeroed_channe
         again = prune_inner_channels(pruned, [torch.arange(u.conv1.out_channels) for u in pruned.units])
         assert again.spec.inner_widths == pruned.spec.inner_widths  # positions survive a second cut
         assert torch.allclose(again(SAMPLE), pruned(SAMPLE), atol=1e-5)
+        keep_some = torch.rand(32, pruned.num_units, generator=torch.Generator().manual_seed(1)) < 0.5
+        assert torch.allclose(execute(pruned, SAMPLE, keep_some), execute(pruned, SAMPLE, keep_some, "mask"), atol=1e-5)
+    assert GatedModel(pruned).flops.full < GatedModel(backbone).flops.full  # recounted without the removed unit
     with pytest.raises(ValueError, match="unit 3 changes the shape"):
         prune_inner_channels(backbone, [torch.tensor([], dtype=torch.long) if i == 3 else k
                                         for i, k in enumerate(keep)])

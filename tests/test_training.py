@@ -348,3 +348,16 @@ def test_magnitude_retraining_holds_the_zeros(image_dir, tmp_path):
     assert not torch.equal(pruned.units[0].conv1.weight, original.units[0].conv1.weight), "the rest was retrained"
     with pytest.raises(ValueError, match="keep_zeros needs init"):
         train_backbone(_tiny_s1(image_dir, keep_zeros=True), tmp_path / "bad")
+
+
+def test_amp_setting_accepts_yaml_on_off_and_refuses_others():
+    import yaml
+
+    from training.run import use_bf16
+
+    cpu = torch.device("cpu")
+    assert use_bf16(cpu, yaml.safe_load("off")) is False  # YAML 1.1: a bare off is the boolean False
+    assert use_bf16(cpu, yaml.safe_load("on")) is True
+    assert use_bf16(cpu, "off") is False
+    with pytest.raises(ValueError, match="amp must be 'auto', 'on' or 'off', not 'bf16'"):
+        use_bf16(cpu, "bf16")

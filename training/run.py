@@ -100,6 +100,8 @@ def pick_device(name: str = "auto") -> torch.device:
 def use_bf16(device: torch.device, amp: str = "auto") -> bool:
     """Whether to train under bf16 autocast: "auto" means where the hardware computes bf16 natively
     (CUDA, or a CPU with AVX512-BF16/AMX, where oneDNN runs bf16 convolutions about 1.9x faster)."""
+    if isinstance(amp, bool):  # YAML 1.1 reads a bare on/off (a recipe's `amp: off`, `--set amp=off`) as a bool
+        amp = "on" if amp else "off"
     if amp not in ("auto", "on", "off"):
         raise ValueError(f"amp must be 'auto', 'on' or 'off', not {amp!r}")
     if amp != "auto":

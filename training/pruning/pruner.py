@@ -11,7 +11,8 @@ Where the channels go (``allocation``):
   scored by how far pruning that unit alone moves the network's output (KL divergence from the
   unpruned logits on the sample images; Li et al. 2017 allocate by the same per-layer
   sensitivity), and a knapsack over units picks the least total change that meets the FLOPs
-  target. Which channels a unit keeps is still the criterion's choice.
+  target. Which channels a unit keeps is still the criterion's choice. Same backbone and
+  ratio: 1.84-2.07x faster at batch 64 for the six channel methods (README, Static pruning).
 
 With ``stages=True``, first every stage's residual stream loses the fraction sqrt(1 - ratio)
 of its channels (``thin_stages``), then the inner channels go until the FLOPs target is met.
