@@ -114,7 +114,7 @@ def run(cfg: PruneBenchConfig) -> dict:
     path = resolve_checkpoint(cfg.checkpoint)
     for method in cfg.methods:
         if method != "torch-pruning":
-            validate(method, cfg.ratio, path)  # fail before any work
+            validate(method, cfg.ratio, path, allocation=cfg.allocation, align=cfg.align)  # fail before any work
     model = GatedModel.load(path)
     s1 = model.card.info.get("config") or {}
     data_cfg = BackboneConfig(data=cfg.data, val_fraction=float(s1.get("val_fraction", 0.1)),

@@ -365,6 +365,10 @@ def test_prune_command_refuses_bad_input_before_work(tmp_path):
         validate("l2", 0.5, tmp_path / "b.safetensors")
     with pytest.raises(ValueError, match="--ratio must be in"):
         validate("l1", 1.0, tmp_path / "b.safetensors")
+    with pytest.raises(ValueError, match="--align must be >= 1, got 0"):
+        validate("l1", 0.5, tmp_path / "b.safetensors", align=0)
+    with pytest.raises(ValueError, match="unknown --allocation 'even'"):
+        validate("l1", 0.5, tmp_path / "b.safetensors", allocation="even")
     with pytest.raises(ValueError, match="is a gated model"):
         validate("l1", 0.5, tmp_path / "g.safetensors")
     with pytest.raises(ValueError, match="not a CIFAR ResNet"):

@@ -36,6 +36,9 @@ from training.pruning.surgery import (check_prunable, inner_flops_per_channel, p
                                       prune_stage_channels, stages)
 
 
+ALLOCATIONS = ("uniform", "sensitivity")
+
+
 @dataclass
 class ChannelPruner:
     criterion: Criterion  # how channels are ranked
@@ -163,9 +166,6 @@ class ChannelPruner:
                 if 0 < len(k) < unit.conv1.out_channels:  # a removed or untouched unit has nothing to refit
                     self.criterion.reconstruct(unit, k, x)
         return prune_inner_channels(backbone, keep)
-
-
-ALLOCATIONS = ("uniform", "sensitivity")
 
 
 def _output_change(backbone: ResidualBackbone, i: int, keep: torch.Tensor, x: torch.Tensor,

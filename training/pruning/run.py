@@ -18,18 +18,22 @@ from training.data import ImageSet, normalize
 from training.pruning.criteria import CRITERIA
 from training.pruning.ista import IstaConfig, ista_train, remove_zero_gamma
 from training.pruning.magnitude import magnitude_prune
-from training.pruning.pruner import ChannelPruner
+from training.pruning.pruner import ALLOCATIONS, ChannelPruner
 
 METHODS = CRITERIA.names() + ["ista", "magnitude"]
 DISTILL = 0.7  # finetuning's weight on imitating the unpruned model (the default recipe's S5 value)
 
 
-def validate(method: str, ratio: float, checkpoint: str) -> None:
+def validate(method: str, ratio: float, checkpoint: str, *, allocation: str = "sensitivity", align: int = 16) -> None:
     """Every check that needs no work: runs before any data is read or model is touched."""
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; known: {', '.join(METHODS)}")
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"--ratio must be in (0, 1), got {ratio}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown --allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
+    if align < 1:
+        raise ValueError(f"--align must be >= 1, got {align}")
     _, card = load_tensors(checkpoint)
     if card.gate is not None:
         raise CheckpointError(checkpoint, "is a gated model; prune its backbone (an S1 checkpoint) before gates "
@@ -93,7 +97,7 @@ def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out:
                      run_dir: Optional[str] = None, stages: bool = False, allocation: str = "sensitivity",
                      align: int = 16) -> dict:
     checkpoint = str(resolve_checkpoint(checkpoint))
-    validate(method, ratio, checkpoint)
+    validate(method, ratio, checkpoint, allocation=allocation, align=align)
     model = GatedModel.load(checkpoint)
     s1 = model.card.info.get("config") or {}
     cfg = BackboneConfig(data=data, val_fraction=float(s1.get("val_fraction", 0.1)),
