@@ -106,8 +106,8 @@ def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out:
     t0 = time.perf_counter()
     pruned, report = prune_backbone(method, ratio, model.backbone, train, sample_images=sample_images, seed=seed,
                                     stages=stages, allocation=allocation, align=align)
-    report = {"method": method, "ratio": ratio, "stages": stages, "allocation": allocation, "align": align, **report, "seconds": time.perf_counter() - t0,
-              "top1_before_finetune": evaluate(pruned, val)}
+    report = {"method": method, "ratio": ratio, "stages": stages, "allocation": allocation, "align": align,
+              **report, "seconds": time.perf_counter() - t0, "top1_before_finetune": evaluate(pruned, val)}
     result = GatedModel(pruned, card=replace(model.card, info={**model.card.info, "pruned": report}))
     run_dir = run_dir or str(Path(out).with_suffix("")) + "-finetune"
     if finetune_epochs and method == "magnitude":
