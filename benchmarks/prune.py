@@ -24,7 +24,6 @@ import torch
 
 from benchmarks.common import interleaved_medians, machine_info
 from gating.backbones import ArchSpec, ResidualBackbone, build_backbone
-from gating.fuse import fuse_bn
 from gating.model import GatedModel
 from gating.runtime import keep_activations_on_heap
 from gating.zoo import resolve_checkpoint
@@ -80,7 +79,7 @@ def _time_in_this_process(models: dict[str, tuple[dict, dict]], threads: int, re
     for name, (arch, state) in models.items():
         m = build_backbone(ArchSpec.from_dict(arch))
         m.load_state_dict(state)
-        ready[name] = fuse_bn(m.eval()).to(memory_format=torch.channels_last)
+        ready[name] = GatedModel(m).for_inference().backbone  # BN folded, channels-last, as served
     size = next(iter(ready.values())).input_size
     out: dict[str, dict[int, float]] = {name: {} for name in ready}
     for batch, repeats in ((1, repeats_b1), (64, repeats_b64)):

@@ -131,6 +131,24 @@ def _conv_contributions(conv: torch.nn.Conv2d, a: torch.Tensor, positions: int, 
     return z, patches
 
 
+def _refit(conv: torch.nn.Conv2d, a: torch.Tensor, keep: torch.Tensor, positions: int, g: torch.Generator) -> None:
+    """Least squares, in place: ``conv``'s weights on input channels ``keep`` that best reproduce its output
+    on all channels of ``a``, at sampled positions."""
+    z, patches = _conv_contributions(conv, a, positions, g)
+    target = z.sum(0).view(-1, conv.out_channels).double()  # (N, out)
+    x = patches[:, keep].reshape(len(patches), -1).double()  # (N, k*9)
+    w = torch.linalg.lstsq(x, target).solution  # (k*9, out)
+    new = conv.weight.detach().clone()
+    new[:, keep] = w.T.reshape(conv.out_channels, len(keep), 3, 3).to(new.dtype)
+    conv.weight.copy_(new)
+
+
+def _bn_scaled(z: torch.Tensor, bn: torch.nn.BatchNorm2d) -> torch.Tensor:
+    """Contributions Z (C, N*out) to a conv's outputs, scaled as the eval-mode ``bn`` after it scales them."""
+    scale = (bn.weight / (bn.running_var + bn.eps).sqrt()).detach()
+    return (z.view(len(z), -1, len(scale)) * scale).reshape(len(z), -1).double()
+
+
 def _stream_grams(backbone: ResidualBackbone, sample: torch.Tensor, positions: int, g: torch.Generator):
     """Per stage, (Z Z^T (C, C), Z Y (C,), |Z| summed (C,)) where Z stacks each stream channel's contributions
     to the sampled, BN-scaled conv1 outputs of every unit reading the stage, each reader normalised by its
@@ -142,9 +160,7 @@ def _stream_grams(backbone: ResidualBackbone, sample: torch.Tensor, positions: i
         for i in readers:
             unit = backbone.units[i]
             z, _ = _conv_contributions(unit.conv1, inputs[i], positions, g)  # (C, N*out)
-            c = z.shape[0]
-            scale = (unit.bn1.weight / (unit.bn1.running_var + unit.bn1.eps).sqrt()).detach()
-            z = (z.view(c, -1, len(scale)) * scale).reshape(c, -1).double()
+            z = _bn_scaled(z, unit.bn1)
             y = z.sum(0)
             z = z / y.norm().clamp_min(1e-12)
             gram, zy, mag = gram + z @ z.T, zy + z @ (y / y.norm().clamp_min(1e-12)), mag + z.abs().sum(1)
@@ -209,27 +225,13 @@ class Lasso(Criterion):
             inputs = unit_inputs(backbone, sample)
             for k, readers in zip(keep, stream_readers(backbone)):
                 for i in readers:
-                    conv = backbone.units[i].conv1
-                    z, patches = _conv_contributions(conv, inputs[i], self.positions, g)
-                    target = z.sum(0).view(-1, conv.out_channels).double()  # (N, out)
-                    x = patches[:, k].reshape(len(patches), -1).double()  # (N, k*9)
-                    w = torch.linalg.lstsq(x, target).solution  # (k*9, out)
-                    new = conv.weight.detach().clone()
-                    new[:, k] = w.T.reshape(conv.out_channels, len(k), 3, 3).to(new.dtype)
-                    conv.weight.copy_(new)
+                    _refit(backbone.units[i].conv1, inputs[i], k, self.positions, g)
 
     def reconstruct(self, unit, keep, unit_input):
         """Least squares: conv2 weights on the kept channels that best reproduce the unpruned conv2 output."""
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            z, patches = _contributions(unit, unit_input, self.positions, g)
-            out = unit.conv2.out_channels
-            target = z.sum(0).view(-1, out).double()  # (N, out)
-            x = patches[:, keep].reshape(len(patches), -1).double()  # (N, k*9)
-            w = torch.linalg.lstsq(x, target).solution  # (k*9, out)
-            new = unit.conv2.weight.detach().clone()
-            new[:, keep] = w.T.reshape(out, len(keep), 3, 3).to(new.dtype)
-            unit.conv2.weight.copy_(new)
+            _refit(unit.conv2, inner_activation(unit, unit_input), keep, self.positions, g)
 
 
 @CRITERIA.register("genetic")
@@ -267,10 +269,7 @@ class Genetic(Criterion):
         return out
 
     def _search(self, unit, x, k, g):
-        c = unit.conv1.out_channels
-        z, _ = _contributions(unit, x, self.positions, g)  # (C, N*out)
-        scale = (unit.bn2.weight / (unit.bn2.running_var + unit.bn2.eps).sqrt()).detach()
-        z = (z.view(c, -1, len(scale)) * scale).reshape(c, -1).double()
+        z = _bn_scaled(_contributions(unit, x, self.positions, g)[0], unit.bn2)  # (C, N*out)
         gram = z @ z.T  # error of dropping channel set d: d^T G d (bn2 is affine in eval mode)
         return self._search_gram(gram, k, unit.conv1.weight.detach().abs().sum((1, 2, 3)), g)
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from gating.backbones import ResidualBackbone
 from gating.flops import profile_backbone
-from training.pruning.criteria import Criterion, unit_inputs
+from training.pruning.criteria import Criterion, inner_activation, unit_inputs
 from training.pruning.surgery import (check_prunable, inner_flops_per_channel, prune_inner_channels,
                                       prune_stage_channels, stages)
 
@@ -176,7 +176,7 @@ def _output_change(backbone: ResidualBackbone, i: int, keep: torch.Tensor, x: to
     if len(keep) == 0:
         out = unit.skip(x)
     else:
-        h = F.relu(unit.bn1(unit.conv1(x)))  # (B, inner, H, W)
+        h = inner_activation(unit, x)  # (B, inner, H, W)
         mask = torch.zeros(h.shape[1], dtype=h.dtype)
         mask[keep] = 1.0
         out = F.relu(unit.bn2(unit.conv2(h * mask.view(1, -1, 1, 1))) + unit.shortcut(x))
