@@ -122,7 +122,10 @@ def _label(args: argparse.Namespace) -> int:
 
     model = _load_model(args.checkpoint)
     train, _ = load_split(BackboneConfig(data=args.data, val_fraction=args.val_fraction, split_seed=args.split_seed))
-    imp = label_dataset(model.backbone, train, LabelConfig(batch_size=args.batch_size))
+    if args.on_paths and model.gate is None:
+        raise ValueError(f"--on-paths needs a gated checkpoint; {args.checkpoint} has no gate")
+    imp = label_dataset(model.backbone, train, LabelConfig(batch_size=args.batch_size),
+                        decide=model.decide if args.on_paths else None)
     save_labels(args.out, imp, source=args.checkpoint, num_units=model.num_units)
     print(f"{args.out}: importance of {model.num_units} units for {len(train)} images")
     return 0
@@ -395,6 +398,9 @@ def _add_stages(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="backbone checkpoint or shipped name")
     p.add_argument("--out", required=True, help="labels file to write (.safetensors)")
     p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--on-paths", action="store_true",
+                   help="measure each unit on the image's own gated path (the checkpoint's gate and policy), "
+                        "as the pipeline does after round 1")
     _add_data(p)
     p.set_defaults(func=_label)
 

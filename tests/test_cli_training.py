@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def skipserve(*args, env_cache, check=True):
@@ -39,6 +40,16 @@ def test_train_label_gate_finetune_eval(image_dir, tmp_path):
     full = json.loads(skipserve("eval", "--checkpoint", tmp_path / "final.safetensors", "--data", image_dir,
                                 "--split", "val", "--json", "--policy", "full", env_cache=cache).stdout)
     assert full["flops_ratio"] == 1.0 and full["top1"] == full["top1_full"] == result["top1_full"]
+    # a second round by hand: labels on the paths the finetuned model runs
+    skipserve("label", "--checkpoint", tmp_path / "final.safetensors", "--on-paths", "--out", tmp_path / "l2.safetensors",
+              *common, env_cache=cache)
+    from safetensors.torch import load_file
+
+    first, second = (load_file(tmp_path / f)["importance"] for f in ("labels.safetensors", "l2.safetensors"))
+    assert first.shape == second.shape == (45, 9) and not torch.allclose(first, second)
+    out = skipserve("label", "--checkpoint", s1, "--on-paths", "--out", tmp_path / "l3.safetensors", *common,
+                    env_cache=cache, check=False)
+    assert out.returncode == 2 and "--on-paths needs a gated checkpoint" in out.stderr
 
 
 def test_stage_commands_fail_clearly_on_bad_input(image_dir, tmp_path):

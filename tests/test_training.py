@@ -16,7 +16,7 @@ from tests.conftest import make_backbone
 from training.backbone import BackboneConfig, train_backbone
 from training.data import DataError, ImageSet, load_image_folder, split_train_val
 from training.gate import GateConfig, train_gate
-from training.labels import importance_cached, importance_naive, load_labels, save_labels
+from training.labels import importance_cached, importance_naive, label_dataset, load_labels, save_labels
 from training.pipeline import RecipeError, load_recipe, run_pipeline
 
 from tests.conftest import CLASSES
@@ -77,6 +77,27 @@ def test_labels_equal_the_definition():
             assert torch.allclose(cached[:, i], expected, atol=1e-5)
     assert torch.allclose(cached, naive, atol=1e-5)
     assert cached.abs().max() > 1e-3, "labels are not trivially zero"
+
+
+def test_path_labels_equal_the_definition():
+    """Later rounds label on each image's own path: remove unit i where it runs, add it where it does not."""
+    backbone = make_backbone("resnet20")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 10, (6,), generator=g)
+    keep = torch.rand(6, backbone.num_units, generator=g) < 0.6  # (B, n) a different path per image
+    cached, naive = importance_cached(backbone, x, y, keep), importance_naive(backbone, x, y, keep)
+    with torch.no_grad():
+        for b in range(6):
+            xb, yb, path = x[b:b + 1], y[b:b + 1], keep[b:b + 1]
+            for i in range(backbone.num_units):
+                without, with_ = path.clone(), path.clone()
+                without[0, i], with_[0, i] = False, True
+                expected = (F.cross_entropy(execute(backbone, xb, without), yb)
+                            - F.cross_entropy(execute(backbone, xb, with_), yb))
+                assert torch.allclose(cached[b, i], expected, atol=1e-5), (b, i)
+    assert torch.allclose(cached, naive, atol=1e-5)
+    everything = torch.ones_like(keep)
+    assert torch.allclose(importance_cached(backbone, x, y, everything), importance_cached(backbone, x, y), atol=1e-6)
 
 
 def test_label_files_are_checked(tmp_path):
@@ -299,6 +320,30 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_stages(image_dir, tmp_path
     before = (tmp_path / "run" / "round1" / "model.safetensors").stat().st_mtime_ns
     assert run_pipeline(_recipe(tmp_path, image_dir), tmp_path / "run")["rounds"][0]["top1"] == r["top1"]
     assert (tmp_path / "run" / "round1" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_second_round_labels_the_paths_of_the_first_rounds_model(image_dir, tmp_path):
+    text = _recipe(tmp_path, image_dir).read_text().replace("rounds: 1", "rounds: 2")
+    text = text.replace("gate: {kind: resnet8,", "gate: {kind: resnet8, hyper: {resolution: 16},")
+    text = text.replace("min_flops_saved: 0.3", "min_flops_saved: 0.9")  # round 1 cannot meet it
+    summary = run_pipeline(_recipe(tmp_path, image_dir, text), tmp_path / "run")
+    assert [r["round"] for r in summary["rounds"]] == [1, 2] and not summary["targets_met"]
+    first = GatedModel.load(tmp_path / "run" / "round1" / "model.safetensors")
+    assert first.gate.config()["resolution"] == 16
+    train, _ = split_train_val(load_image_folder(image_dir), val_fraction=0.25, seed=0)
+    labels = load_labels(tmp_path / "run" / "round2" / "labels.safetensors", num_images=len(train),
+                         num_units=first.num_units)
+    on_paths = label_dataset(first.backbone, train, decide=first.decide)
+    assert torch.allclose(labels, on_paths, atol=1e-5)
+    assert not torch.allclose(labels, label_dataset(first.backbone, train), atol=1e-3)
+
+
+def test_a_gate_hyper_parameter_the_gate_does_not_take_fails_clearly(gated_checkpoint, image_dir, tmp_path):
+    model = GatedModel.load(gated_checkpoint)
+    train, _ = split_train_val(load_image_folder(image_dir), val_fraction=0.25, seed=0)
+    imp = torch.zeros(len(train), model.num_units)
+    with pytest.raises(ValueError, match="gate hyper .*'depth'.* does not fit a resnet8 gate"):
+        train_gate(model, train, imp, GateConfig(hyper={"depth": 3}), tmp_path / "gate")
 
 
 def test_the_final_model_is_the_best_round_not_the_last():

@@ -10,7 +10,7 @@ cost_i is unit i's FLOPs saving relative to the mean unit's, so ``price`` is in 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,9 @@ OBJECTIVES = ("reward", "reinforce", "regression")
 @dataclass
 class GateConfig:
     kind: str = "resnet8"  # resnet8 | lstm | mlp
+    # keyword arguments of the gate class: {resolution: 16} runs resnet8 on a 16x16 average-pooled
+    # image (a quarter of its FLOPs), {hidden: 64} widens lstm/mlp
+    hyper: dict = field(default_factory=dict)
     # one of OBJECTIVES. "regression" is the default: its scores rank units by predicted importance,
     # which greedy, softmax and budget need; "reward" and "reinforce" learn only which side of the
     # price a unit falls (saturated sigmoids), which suits the threshold rule alone (see tests).
@@ -77,7 +80,10 @@ def train_gate(model: GatedModel, train: ImageSet, imp: torch.Tensor, cfg: GateC
     run = RunDir(run_dir, "gate")
     run.check_config(cfg)
     torch.manual_seed(cfg.seed)
-    model.gate = build_gate(cfg.kind, model.backbone)
+    try:
+        model.gate = build_gate(cfg.kind, model.backbone, **cfg.hyper)
+    except TypeError as err:
+        raise ValueError(f"gate hyper {cfg.hyper} does not fit a {cfg.kind} gate: {err}") from err
     model.refresh_flops()
     model.backbone.eval().requires_grad_(False)
     opt = torch.optim.Adam(model.gate.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -5,7 +5,8 @@ skipped, and a stage that was killed resumes from its last finished epoch):
 
     recipe.yaml                  the recipe as run
     s1/backbone.safetensors      S1 output (+ s1/metrics.jsonl, s1/backbone-state.pt)
-    round<k>/labels.safetensors  S3 importance labels of the training split
+    round<k>/labels.safetensors  S3 importance labels of the training split (round 1 on the full
+                                 path, later rounds on each image's path under the previous model)
     round<k>/gated.safetensors   S4 output: the backbone with its new gate
     round<k>/model.safetensors   S5 output: finetuned, BN recalibrated
     round<k>/eval.json           validation figures of that round
@@ -123,8 +124,8 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
         final = rdir / "model.safetensors"
         if not final.exists():
             labels = rdir / "labels.safetensors"
-            if not labels.exists():
-                imp = label_dataset(model.backbone, train, recipe.label)
+            if not labels.exists():  # round k >= 2: on the paths the previous round's model runs
+                imp = label_dataset(model.backbone, train, recipe.label, decide=model.decide if k > 1 else None)
                 save_labels(labels, imp, source=str(s1 if k == 1 else run / f"round{k - 1}" / "model.safetensors"),
                             num_units=model.num_units)
             imp = load_labels(labels, num_images=len(train), num_units=model.num_units)
