@@ -154,9 +154,12 @@ def _finetune(args: argparse.Namespace) -> int:
     model = _load_model(args.checkpoint)
     if model.gate is None:
         raise ValueError(f"{args.checkpoint}: has no gate; run train-gate first")
-    train, _ = load_split(BackboneConfig(data=args.data, val_fraction=args.val_fraction, split_seed=args.split_seed))
     cfg = config_from(FinetuneConfig, args, epochs=args.epochs, seed=args.seed)
-    finetune(model, train, cfg, args.run_dir).save(args.out)
+    if args.teacher and not cfg.distill:
+        raise ValueError("--teacher is used only with distillation; add --set distill=0.7 (its weight)")
+    teacher = _load_model(args.teacher).backbone if args.teacher else None
+    train, _ = load_split(BackboneConfig(data=args.data, val_fraction=args.val_fraction, split_seed=args.split_seed))
+    finetune(model, train, cfg, args.run_dir, teacher=teacher).save(args.out)
     print(args.out)
     return 0
 
@@ -420,6 +423,9 @@ def _add_stages(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="gated checkpoint from train-gate")
     p.add_argument("--epochs", type=int)
     p.add_argument("--out", required=True, help="checkpoint to write")
+    p.add_argument("--teacher", help="with distill > 0: the checkpoint (or shipped name) whose backbone, run in full, "
+                                     "is distilled; default: the backbone as it enters S5. A later round needs "
+                                     "the S1 backbone here, since its own full path is no longer a good network")
     _add_data(p)
     _add_stage_options(p, "runs/finetune")
     p.set_defaults(func=_finetune)

@@ -50,6 +50,13 @@ def test_train_label_gate_finetune_eval(image_dir, tmp_path):
     out = skipserve("label", "--checkpoint", s1, "--on-paths", "--out", tmp_path / "l3.safetensors", *common,
                     env_cache=cache, check=False)
     assert out.returncode == 2 and "--on-paths needs a gated checkpoint" in out.stderr
+    # ... and its S5 distils the S1 backbone, not the round-1 model's own full path
+    finetune = ["finetune", "--checkpoint", tmp_path / "final.safetensors", "--teacher", s1, "--epochs", "1",
+                "--set", "recalibration_images=30", "--out", tmp_path / "round2.safetensors", *common]
+    out = skipserve(*finetune, "--run-dir", tmp_path / "ft2", env_cache=cache, check=False)
+    assert out.returncode == 2 and "--teacher is used only with distillation" in out.stderr
+    skipserve(*finetune, "--set", "distill=0.5", "--run-dir", tmp_path / "ft2", env_cache=cache)
+    assert (tmp_path / "round2.safetensors").exists()
 
 
 def test_stage_commands_fail_clearly_on_bad_input(image_dir, tmp_path):
