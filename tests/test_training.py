@@ -326,6 +326,7 @@ def test_second_round_labels_the_paths_of_the_first_rounds_model(image_dir, tmp_
     text = _recipe(tmp_path, image_dir).read_text().replace("rounds: 1", "rounds: 2")
     text = text.replace("gate: {kind: resnet8,", "gate: {kind: resnet8, hyper: {resolution: 16},")
     text = text.replace("min_flops_saved: 0.3", "min_flops_saved: 0.9")  # round 1 cannot meet it
+    text += "refine: {lr: 0.005}\n"
     summary = run_pipeline(_recipe(tmp_path, image_dir, text), tmp_path / "run")
     assert [r["round"] for r in summary["rounds"]] == [1, 2] and not summary["targets_met"]
     first = GatedModel.load(tmp_path / "run" / "round1" / "model.safetensors")
@@ -336,6 +337,8 @@ def test_second_round_labels_the_paths_of_the_first_rounds_model(image_dir, tmp_
     on_paths = label_dataset(first.backbone, train, decide=first.decide)
     assert torch.allclose(labels, on_paths, atol=1e-5)
     assert not torch.allclose(labels, label_dataset(first.backbone, train), atol=1e-3)
+    lrs = [json.loads((tmp_path / "run" / f"round{k}" / "finetune-config.json").read_text())["lr"] for k in (1, 2)]
+    assert lrs == [0.01, 0.005]
 
 
 def test_a_gate_hyper_parameter_the_gate_does_not_take_fails_clearly(gated_checkpoint, image_dir, tmp_path):
@@ -358,6 +361,8 @@ def test_the_final_model_is_the_best_round_not_the_last():
 @pytest.mark.parametrize("text,match", [
     ("rounds: 1\nbogus: 3\n", "unknown key\\(s\\) \\['bogus'\\]"),
     ("gate: {kind: transformer}\n", "unknown kind 'transformer'"),
+    ("refine: {knob: 0.3}\n", "\\[refine\\] cannot set \\['knob'\\]"),
+    ("refine: [1]\n", "refine must be a mapping"),
     ("gate: {kindd: mlp}\n", "\\[gate\\]: unknown key\\(s\\) \\['kindd'\\]"),
     ("finetune: {policy: budget, knob: 1.5}\n", "budget must be in"),
     ("rounds: [1\n", "not valid YAML"),

@@ -50,6 +50,12 @@ class Recipe:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # S5 (policy and knob served)
     targets: Targets = field(default_factory=Targets)  # S6 stopping rule
     rounds: int = 2  # most S3-S5 rounds
+    # S5 fields changed for rounds after the first, which start from a backbone already finetuned
+    # on gated paths, e.g. {epochs: 8, lr: 0.005}; the served policy and knob stay the same
+    refine: dict = field(default_factory=dict)
+
+    def finetune_config(self, round_index: int) -> FinetuneConfig:
+        return self.finetune if round_index == 1 else dataclasses.replace(self.finetune, **self.refine)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -96,6 +102,13 @@ def _validate(recipe: Recipe, where: str) -> None:
     for ok, message in checks:
         if not ok:
             raise RecipeError(f"{where}: {message}")
+    if not isinstance(recipe.refine, dict):
+        raise RecipeError(f"{where}: refine must be a mapping of [finetune] fields")
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"policy", "knob"}
+    unknown = sorted(set(recipe.refine) - known)
+    if unknown:
+        raise RecipeError(f"{where}: [refine] cannot set {unknown}; it may set {sorted(known)} "
+                          "(every round serves the [finetune] policy and knob)")
     make_policy(recipe.finetune.policy, recipe.finetune.knob)  # raises on a bad rule or knob
 
 
@@ -136,7 +149,7 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
                 model = train_gate(model, train, imp, recipe.gate, rdir)
                 model.policy = make_policy(recipe.finetune.policy, recipe.finetune.knob)
                 model.save(gated)
-            model = finetune(model, train, recipe.finetune, rdir, teacher=base.backbone)
+            model = finetune(model, train, recipe.finetune_config(k), rdir, teacher=base.backbone)
             model.card.info = {**model.card.info, "stage": f"S5 round {k}", "recipe": str(recipe_path)}
             model.save(final)
         model = GatedModel.load(final)
