@@ -411,3 +411,24 @@ def test_amp_setting_accepts_yaml_on_off_and_refuses_others():
     assert use_bf16(cpu, "off") is False
     with pytest.raises(ValueError, match="amp must be 'auto', 'on' or 'off', not 'bf16'"):
         use_bf16(cpu, "bf16")
+
+
+def test_stochastic_depth_runs_each_image_on_its_drawn_path():
+    from training.backbone import drop_unit_forward
+
+    backbone = make_backbone("resnet20").eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = drop_unit_forward(backbone, x, 0.6, torch.Generator().manual_seed(5))
+        n = backbone.num_units  # the same draw, replayed through the executor
+        drops = torch.rand(8, n, generator=torch.Generator().manual_seed(5)) < 0.6 * torch.arange(1, n + 1) / n
+        assert drops.any() and not drops.all()
+        assert torch.allclose(out, execute(backbone, x, ~drops), atol=1e-5)
+        assert torch.allclose(drop_unit_forward(backbone, x, 0.0, torch.Generator()), backbone(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("fields,match", [({"drop_units": 1.0}, "drop_units must be in"),
+                                          ({"drop_units": 0.2, "compile": True}, "set compile: false")])
+def test_bad_stochastic_depth_settings_fail_before_training(tmp_path, image_dir, fields, match):
+    with pytest.raises(ValueError, match=match):
+        train_backbone(BackboneConfig(arch="resnet20", data=str(image_dir), epochs=1, **fields), tmp_path / "s1")

@@ -50,6 +50,24 @@ class BackboneConfig:
     teacher: Optional[str] = None  # checkpoint whose backbone, run in full, the model learns to imitate
     distill: float = 0.0  # weight of Hinton distillation from the teacher (0 = plain cross-entropy)
     temperature: float = 4.0  # softens teacher and student logits for distillation
+    # stochastic depth (Huang et al. 2016): in training, each image skips unit i with probability
+    # drop_units * (i + 1) / n, so the network learns to run on partial paths, as the gate will make it
+    drop_units: float = 0.0
+
+
+def drop_unit_forward(model: ResidualBackbone, x: torch.Tensor, drop: float, g: torch.Generator) -> torch.Tensor:
+    """Training forward with per-image unit dropping (stochastic depth, linear decay rule).
+
+    Training only, so a dropped unit is computed and discarded (``torch.where``); the gated executor
+    is what skips work at inference.
+    """
+    n = model.num_units
+    drops = torch.rand(len(x), n, generator=g) < drop * torch.arange(1, n + 1) / n  # (B, n) True = skip
+    h = model.stem(x)
+    for i, unit in enumerate(model.units):
+        skip = drops[:, i].to(x.device).view(-1, 1, 1, 1)
+        h = torch.where(skip, unit.skip(h), unit(h))
+    return model.head(h)
 
 
 def cycle_of(cfg: BackboneConfig, epoch: float) -> tuple[int, int]:
@@ -116,6 +134,10 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
         raise ValueError(f"restarts {cfg.restarts} must be epochs inside (0, {cfg.epochs}) of a cosine schedule")
     if not 0 <= cfg.distill <= 1:
         raise ValueError(f"distill must be in [0, 1], got {cfg.distill}")
+    if not 0 <= cfg.drop_units < 1:
+        raise ValueError(f"drop_units must be in [0, 1), got {cfg.drop_units}")
+    if cfg.drop_units and cfg.compile:
+        raise ValueError("drop_units runs the units one by one; set compile: false")
     run = RunDir(run_dir, "backbone")
     run.check_config(cfg)
     device = pick_device(cfg.device)
@@ -164,7 +186,7 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
             x = normalize(augment(train.images[idx], g)).to(device, memory_format=fmt)
             y = train.labels[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = forward(x)
+                logits = drop_unit_forward(model, x, cfg.drop_units, g) if cfg.drop_units else forward(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
                 if teacher is not None:
                     loss = (1 - cfg.distill) * loss + cfg.distill * distillation(logits, teacher, x, cfg.temperature)
