@@ -114,7 +114,7 @@ def _validate(recipe: Recipe, where: str) -> None:
 
 def best_round(rounds: list[dict], min_flops_saved: float) -> dict:
     """The round to ship: the most accurate of those saving enough FLOPs, else the most accurate.
-    A later round is not always better (round 2 of the default recipe lost 20 pp)."""
+    A later round is not always better (round 2 of an earlier recipe, labelled on the full path, lost 20 pp)."""
     return max(rounds, key=lambda r: (r["flops_saved"] >= min_flops_saved, r["top1"]))
 
 
