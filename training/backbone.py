@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from gating.backbones import ArchSpec, ResidualBackbone, build_backbone
 from gating.checkpoint import ModelCard
+from gating.executor import execute
 from gating.model import GatedModel
 from training.data import CIFAR_MEAN, CIFAR_STD, ImageSet, augment, batches, load_image_folder, normalize, \
     split_train_val
@@ -58,16 +59,12 @@ class BackboneConfig:
 def drop_unit_forward(model: ResidualBackbone, x: torch.Tensor, drop: float, g: torch.Generator) -> torch.Tensor:
     """Training forward with per-image unit dropping (stochastic depth, linear decay rule).
 
-    Training only, so a dropped unit is computed and discarded (``torch.where``); the gated executor
-    is what skips work at inference.
+    Training only, so a dropped unit is computed and discarded (the masked execution); the gated
+    executor's skipping is what saves work at inference.
     """
     n = model.num_units
     drops = torch.rand(len(x), n, generator=g) < drop * torch.arange(1, n + 1) / n  # (B, n) True = skip
-    h = model.stem(x)
-    for i, unit in enumerate(model.units):
-        skip = drops[:, i].to(x.device).view(-1, 1, 1, 1)
-        h = torch.where(skip, unit.skip(h), unit(h))
-    return model.head(h)
+    return execute(model, x, ~drops, execution="mask")
 
 
 def cycle_of(cfg: BackboneConfig, epoch: float) -> tuple[int, int]:

@@ -22,18 +22,17 @@ from tqdm import tqdm
 
 from gating.backbones import ResidualBackbone
 from gating.checkpoint import CheckpointError, atomic_write
+from gating.executor import mask_unit
 from training.data import ImageSet, batches, normalize
 
 
 def _unit(unit, h: torch.Tensor, on: Optional[torch.Tensor]) -> torch.Tensor:
     """Unit output where ``on`` (B,) is True, its shortcut elsewhere; ``on`` None = every image runs it.
 
-    Labelling is offline and must replay B different paths in one batch, so it selects with
-    ``torch.where``; serving never does this (the executor runs each unit on its own images only).
+    Labelling is offline and must replay B different paths in one batch, so it uses the masked
+    execution; serving never does this (the executor runs each unit on its own images only).
     """
-    if on is None:
-        return unit(h)
-    return torch.where(on.view(-1, 1, 1, 1), unit(h), unit.skip(h))
+    return unit(h) if on is None else mask_unit(unit, h, on)
 
 
 def _flipped(unit, h: torch.Tensor, on: Optional[torch.Tensor]) -> torch.Tensor:
