@@ -121,9 +121,9 @@ def _label(args: argparse.Namespace) -> int:
     from training.labels import LabelConfig, label_dataset, save_labels
 
     model = _load_model(args.checkpoint)
-    train, _ = load_split(BackboneConfig(data=args.data, val_fraction=args.val_fraction, split_seed=args.split_seed))
     if args.on_paths and model.gate is None:
         raise ValueError(f"--on-paths needs a gated checkpoint; {args.checkpoint} has no gate")
+    train, _ = load_split(BackboneConfig(data=args.data, val_fraction=args.val_fraction, split_seed=args.split_seed))
     imp = label_dataset(model.backbone, train, LabelConfig(batch_size=args.batch_size),
                         decide=model.decide if args.on_paths else None)
     save_labels(args.out, imp, source=args.checkpoint, num_units=model.num_units)
