@@ -53,6 +53,25 @@ def test_skip_equals_masked_reference(arch, kind, policy, batch):
         assert (~out.keep).any(), "the knob should make the rule skip something"
 
 
+@pytest.mark.parametrize("kind", GATES.names())
+@pytest.mark.parametrize("policy", POLICIES.names())
+def test_decide_gives_the_forward_decisions_and_runs_the_backbone_only_when_needed(kind, policy):
+    model = gated_model("resnet20", kind).train()
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        probe = model(x, policy=make_policy("threshold", 0.0))
+    pol = make_policy(policy, knob_for(policy, probe.scores, model.num_units))
+    calls = []
+    hook = model.backbone.stem.register_forward_hook(lambda *_: calls.append(1))
+    keep = model.decide(x, pol)
+    hook.remove()
+    assert model.backbone.training and model.gate.training, "decide restores the modes it found"
+    assert keep.dtype == torch.bool and not keep.requires_grad
+    with torch.no_grad():
+        assert torch.equal(keep, model.eval()(x, policy=pol).keep)
+    assert bool(calls) == (pol.needs_scores and not model.gate.upfront), "only an inline gate needs the backbone"
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_mixed_batch_every_image_its_own_path(arch):
     backbone = make_backbone(arch)
