@@ -190,6 +190,25 @@ def _bench_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_finetune(args: argparse.Namespace) -> int:
+    from benchmarks.finetune import FinetuneBenchConfig, run
+
+    cfg = FinetuneBenchConfig(checkpoint=args.checkpoint, teacher=args.teacher, batch=args.batch,
+                              threads=args.threads)
+    if args.quick:
+        cfg.repeats = 2
+    result = run(cfg)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for name, r in result["layouts"].items():
+            print(f"{name:>13}: step {r['step_ms']:.1f} ms = decide {r['decide_ms']:.1f} (by forward "
+                  f"{r['decide_by_forward_ms']:.1f}) + path fwd+bwd {r['path_forward_backward_ms']:.1f} "
+                  f"+ teacher {r['teacher_forward_ms']:.1f} + the rest")
+        print(f"channels-last speedup {result['channels_last_speedup']:.2f}x (batch {result['batch']})")
+    return 0
+
+
 def _prune(args: argparse.Namespace) -> int:
     from training.pruning.run import prune_checkpoint
 
@@ -517,6 +536,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default="default-backbone", help="backbone (default: default-backbone)")
     p.add_argument("--data", default=DEFAULT_DATA)
     p.add_argument("--images", type=int, default=500, help="images to label with both methods (default: 500)")
+    p = benchmark("finetune", "S5 step time: decisions, own-path forward+backward, teacher; NCHW vs channels-last",
+                  _bench_finetune)
+    p.add_argument("--checkpoint", default="default", help="gated model (default: default)")
+    p.add_argument("--teacher", default="default-backbone", help="distillation teacher (default: default-backbone)")
+    p.add_argument("--batch", type=int, default=128, help="images per step (default: 128)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     p = benchmark("prune", "every static pruner at one ratio, plus Torch-Pruning", _bench_prune)
     p.add_argument("--checkpoint", default="default-backbone", help="unpruned backbone (default: default-backbone)")
     p.add_argument("--data", default=DEFAULT_DATA)

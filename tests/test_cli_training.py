@@ -57,6 +57,15 @@ def test_train_label_gate_finetune_eval(image_dir, tmp_path):
     assert out.returncode == 2 and "--teacher is used only with distillation" in out.stderr
     skipserve(*finetune, "--set", "distill=0.5", "--run-dir", tmp_path / "ft2", env_cache=cache)
     assert (tmp_path / "round2.safetensors").exists()
+    # where an S5 step's time goes, for this model: every part timed, in both layouts
+    bench = json.loads(skipserve("bench", "finetune", "--checkpoint", tmp_path / "final.safetensors", "--teacher", s1,
+                                 "--batch", "8", "--quick", "--json", "--threads", "1", env_cache=cache).stdout)
+    assert set(bench["layouts"]) == {"nchw", "channels_last"} and bench["channels_last_speedup"] > 0
+    for r in bench["layouts"].values():
+        assert all(r[k] > 0 for k in ("step_ms", "decide_ms", "decide_by_forward_ms", "path_forward_backward_ms",
+                                      "teacher_forward_ms"))
+    out = skipserve("bench", "finetune", "--checkpoint", s1, "--teacher", s1, "--quick", env_cache=cache, check=False)
+    assert out.returncode == 2 and "S5 needs a gated model" in out.stderr
 
 
 def test_stage_commands_fail_clearly_on_bad_input(image_dir, tmp_path):
