@@ -103,7 +103,6 @@ class GatedModel(nn.Module):
         return self._output(execute(self.backbone, x, keep, execution), keep, scores, passes=2)
 
     @torch.no_grad()
-    @torch.no_grad()
     def decide(self, x: torch.Tensor, policy: Optional[Policy] = None) -> torch.Tensor:
         """The (B, n) decisions the gate and policy make for ``x``, with the model in eval mode.
 
