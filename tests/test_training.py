@@ -428,7 +428,8 @@ def test_stochastic_depth_runs_each_image_on_its_drawn_path():
 
 
 @pytest.mark.parametrize("fields,match", [({"drop_units": 1.0}, "drop_units must be in"),
-                                          ({"drop_units": 0.2, "compile": True}, "set compile: false")])
-def test_bad_stochastic_depth_settings_fail_before_training(tmp_path, image_dir, fields, match):
+                                          ({"drop_units": 0.2, "compile": True}, "set compile: false"),
+                                          ({"compile_mode": "fast"}, "compile_mode must be one of")])
+def test_bad_backbone_settings_fail_before_training(tmp_path, image_dir, fields, match):
     with pytest.raises(ValueError, match=match):
         train_backbone(BackboneConfig(arch="resnet20", data=str(image_dir), epochs=1, **fields), tmp_path / "s1")
