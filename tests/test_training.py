@@ -1,23 +1,25 @@
 """Training stages on tiny models and data: real behaviour, seconds each."""
 import contextlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import training.backbone as backbone_stage
+from gating.backbones import BACKBONES
 from gating.checkpoint import CheckpointError
 from gating.executor import execute
 from gating.gates import GATES, build_gate
 from gating.model import GatedModel
 from gating.policies import make_policy
 from tests.conftest import make_backbone
-from training.backbone import BackboneConfig, train_backbone
+from training.backbone import COMPILE_MODES, BackboneConfig, train_backbone
 from training.data import DataError, ImageSet, load_image_folder, split_train_val
 from training.gate import GateConfig, train_gate
 from training.labels import importance_cached, importance_naive, label_dataset, load_labels, save_labels
-from training.pipeline import RecipeError, load_recipe, run_pipeline
+from training.pipeline import RecipeError, _validate, load_recipe, run_pipeline
 
 from tests.conftest import CLASSES
 
@@ -372,6 +374,15 @@ def test_bad_recipes_fail_before_any_work(tmp_path, text, match):
     with pytest.raises((RecipeError, ValueError), match=match):
         run_pipeline(_recipe(tmp_path, "unused", text), tmp_path / "run")
     assert not (tmp_path / "run" / "s1").exists()
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "training" / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_committed_recipes_are_valid(recipe):
+    r = load_recipe(recipe)
+    _validate(r, str(recipe))
+    assert r.backbone.arch in BACKBONES and r.gate.kind in GATES
+    assert r.backbone.compile_mode in COMPILE_MODES
 
 
 def test_missing_recipe_and_missing_data(tmp_path):
