@@ -1,6 +1,7 @@
 """Training stages on tiny models and data: real behaviour, seconds each."""
 import contextlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from gating.model import GatedModel
 from gating.policies import make_policy
 from tests.conftest import make_backbone
 from training.backbone import COMPILE_MODES, BackboneConfig, train_backbone
-from training.data import DataError, ImageSet, load_image_folder, split_train_val
+from training.data import DataError, ImageSet, cutout, load_image_folder, split_train_val
 from training.gate import GateConfig, train_gate
 from training.labels import importance_cached, importance_naive, label_dataset, load_labels, save_labels
 from training.pipeline import RecipeError, _validate, load_recipe, run_pipeline
@@ -376,6 +377,26 @@ def test_bad_recipes_fail_before_any_work(tmp_path, text, match):
     assert not (tmp_path / "run" / "s1").exists()
 
 
+def test_cutout_zeroes_one_clipped_square_per_image():
+    x = torch.ones(64, 3, 32, 32)
+    out = cutout(x, 16, torch.Generator().manual_seed(0))
+    holes = out[:, 0] == 0  # (B, H, W)
+    assert torch.equal(holes[:, None].expand_as(out), out == 0)  # every channel, nothing else changed
+    rows, cols = holes.any(2), holes.any(1)  # (B, H), (B, W)
+    assert torch.equal(holes.sum((1, 2)), rows.sum(1) * cols.sum(1))  # a rectangle: rows x cols
+    assert (rows.sum(1) <= 16).all() and (rows.sum(1) >= 8).all() and (cols.sum(1) >= 8).all()
+    assert (rows.sum(1) < 16).any()  # some squares clipped at a border
+    assert torch.equal(out, cutout(x, 16, torch.Generator().manual_seed(0)))
+
+
+def test_s1_with_cutout_trains_on_other_inputs(image_dir, tmp_path):
+    cfg = BackboneConfig(arch="resnet20", data=str(image_dir), epochs=1, batch_size=32, compile=False)
+    plain = GatedModel.load(train_backbone(cfg, tmp_path / "plain")).backbone.state_dict()
+    cut = GatedModel.load(train_backbone(replace(cfg, cutout=8), tmp_path / "cut")).backbone.state_dict()
+    assert set(plain) == set(cut)
+    assert any(not torch.equal(plain[k], cut[k]) for k in plain if plain[k].is_floating_point())
+
+
 @pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "training" / "recipes").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_committed_recipes_are_valid(recipe):
@@ -440,7 +461,8 @@ def test_stochastic_depth_runs_each_image_on_its_drawn_path():
 
 @pytest.mark.parametrize("fields,match", [({"drop_units": 1.0}, "drop_units must be in"),
                                           ({"drop_units": 0.2, "compile": True}, "set compile: false"),
-                                          ({"compile_mode": "fast"}, "compile_mode must be one of")])
+                                          ({"compile_mode": "fast"}, "compile_mode must be one of"),
+                                          ({"cutout": -1}, "cutout is a square's side")])
 def test_bad_backbone_settings_fail_before_training(tmp_path, image_dir, fields, match):
     with pytest.raises(ValueError, match=match):
         train_backbone(BackboneConfig(arch="resnet20", data=str(image_dir), epochs=1, **fields), tmp_path / "s1")

@@ -17,7 +17,7 @@ from gating.backbones import ArchSpec, ResidualBackbone, build_backbone
 from gating.checkpoint import ModelCard
 from gating.executor import execute
 from gating.model import GatedModel
-from training.data import CIFAR_MEAN, CIFAR_STD, ImageSet, augment, batches, load_image_folder, normalize, \
+from training.data import CIFAR_MEAN, CIFAR_STD, ImageSet, augment, batches, cutout, load_image_folder, normalize, \
     split_train_val
 from training.run import RunDir, epoch_generator, pick_device, use_bf16
 
@@ -43,6 +43,7 @@ class BackboneConfig:
     # (SGDR warm restarts; each cycle warms up again and starts with fresh momentum)
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
+    cutout: int = 0  # side of a square zeroed at a random place in each training image (16 in the paper); 0 = off
     bn_l1: float = 0.0  # L1 penalty on BN gamma (network slimming sparsity training)
     seed: int = 0
     device: str = "auto"  # "auto" = the accelerator when present
@@ -141,6 +142,8 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
         raise ValueError(f"drop_units must be in [0, 1), got {cfg.drop_units}")
     if cfg.drop_units and cfg.compile:
         raise ValueError("drop_units runs the units one by one; set compile: false")
+    if cfg.cutout < 0:
+        raise ValueError(f"cutout is a square's side in pixels (0 = off), got {cfg.cutout}")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, not {cfg.compile_mode!r}")
     run = RunDir(run_dir, "backbone")
@@ -188,7 +191,10 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
         for step, idx in enumerate(bar):
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, epoch * steps_per_epoch + step, steps_per_epoch)
-            x = normalize(augment(train.images[idx], g)).to(device, memory_format=fmt)
+            x = normalize(augment(train.images[idx], g))
+            if cfg.cutout:
+                x = cutout(x, cfg.cutout, g)
+            x = x.to(device, memory_format=fmt)
             y = train.labels[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = drop_unit_forward(model, x, cfg.drop_units, g) if cfg.drop_units else forward(x)

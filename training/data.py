@@ -180,6 +180,19 @@ def augment(images: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Ten
     return out
 
 
+def cutout(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """Zero one size x size square per image at a random centre, clipped at the borders
+    (DeVries & Taylor 2017); on a normalised batch, zero is the mean colour."""
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b, 1, 1), generator=g)
+    cx = torch.randint(0, w, (b, 1, 1), generator=g)
+    top, left = cy - size // 2, cx - size // 2
+    rows = torch.arange(h)[None, :, None]  # (1, H, 1)
+    cols = torch.arange(w)[None, None, :]  # (1, 1, W)
+    hole = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)  # (B, H, W)
+    return x * ~hole[:, None].to(x.device)
+
+
 def normalize(images: torch.Tensor, mean=CIFAR_MEAN, std=CIFAR_STD) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 normalised (CIFAR statistics unless given)."""
     return _normalize(images, mean, std)
