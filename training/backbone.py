@@ -175,7 +175,8 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
         start_epoch = int(state["epoch"])
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     use_amp = use_bf16(device, cfg.amp)
-    forward = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model  # state dicts stay those of `model`
+    # the compiled forward shares `model`'s parameters: state dicts stay those of `model`
+    forward = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     teacher = None
     if cfg.teacher and cfg.distill:
         teacher = GatedModel.load(cfg.teacher).backbone.eval().requires_grad_(False).to(device, memory_format=fmt)
