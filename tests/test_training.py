@@ -1,7 +1,7 @@
 """Training stages on tiny models and data: real behaviour, seconds each."""
 import contextlib
+import dataclasses
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -232,6 +232,18 @@ def test_resuming_with_another_config_is_refused(image_dir, tmp_path):
         train_backbone(_tiny_s1(image_dir, lr=0.5), tmp_path)
 
 
+def test_a_run_started_before_a_config_field_existed_resumes_at_its_default(tmp_path):
+    from training.run import RunDir, RunError
+
+    run = RunDir(tmp_path, "backbone")
+    old = {k: v for k, v in dataclasses.asdict(BackboneConfig()).items() if k not in ("cutout", "restarts")}
+    (tmp_path / "backbone-config.json").write_text(json.dumps(old))
+    run.save_state({"epoch": 1})
+    run.check_config(BackboneConfig())  # the fields it lacks are at their defaults: same run
+    with pytest.raises(RunError, match="config differs in \\['cutout'\\]"):
+        run.check_config(BackboneConfig(cutout=16))
+
+
 def test_distillation_loss_mixes_hinton_and_cross_entropy():
     from training.finetune import train_on_own_paths
 
@@ -392,7 +404,7 @@ def test_cutout_zeroes_one_clipped_square_per_image():
 def test_s1_with_cutout_trains_on_other_inputs(image_dir, tmp_path):
     cfg = BackboneConfig(arch="resnet20", data=str(image_dir), epochs=1, batch_size=32, compile=False)
     plain = GatedModel.load(train_backbone(cfg, tmp_path / "plain")).backbone.state_dict()
-    cut = GatedModel.load(train_backbone(replace(cfg, cutout=8), tmp_path / "cut")).backbone.state_dict()
+    cut = GatedModel.load(train_backbone(dataclasses.replace(cfg, cutout=8), tmp_path / "cut")).backbone.state_dict()
     assert set(plain) == set(cut)
     assert any(not torch.equal(plain[k], cut[k]) for k in plain if plain[k].is_floating_point())
 

@@ -41,7 +41,7 @@ class RunDir:
         target = self.path / f"{self.stage}-config.json"
         text = json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)
         if target.exists() and self.state_path.exists():
-            old = json.loads(target.read_text())
+            old = {**_defaults(config), **json.loads(target.read_text())}  # a field added since: its default
             new = json.loads(text)
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if changed:
@@ -89,6 +89,17 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_text(self.path / f"{self.stage}-summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def _defaults(config: Any) -> dict:
+    """A config dataclass's default field values, as JSON would hold them."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out))
 
 
 def pick_device(name: str = "auto") -> torch.device:
