@@ -310,6 +310,19 @@ def test_killed_finetune_resumes_to_the_same_weights(image_dir, gated_checkpoint
     assert not torch.equal(a["stem.0.weight"], GatedModel.load(path).backbone.state_dict()["stem.0.weight"])
 
 
+@pytest.mark.parametrize("device, message", [("tpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+                                             ("cuda:0", "has no CUDA device")])
+def test_finetune_refuses_a_bad_device_before_any_work(image_dir, gated_checkpoint, tmp_path, device, message):
+    from training.finetune import FinetuneConfig, finetune
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    train, _ = split_train_val(load_image_folder(image_dir), val_fraction=0.25, seed=0)
+    with pytest.raises(ValueError, match=message):
+        finetune(GatedModel.load(gated_checkpoint), train, FinetuneConfig(device=device), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def _recipe(tmp_path, image_dir, text=None):
     path = tmp_path / "recipe.yaml"
     path.write_text(text or f"""
@@ -381,6 +394,8 @@ def test_the_final_model_is_the_best_round_not_the_last():
     ("gate: {kindd: mlp}\n", "\\[gate\\]: unknown key\\(s\\) \\['kindd'\\]"),
     ("finetune: {policy: budget, knob: 1.5}\n", "budget must be in"),
     ("rounds: [1\n", "not valid YAML"),
+    ("finetune: {device: gpu}\n", "\\[finetune\\] device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    ("backbone: {device: npu0}\n", "\\[backbone\\] device must be"),
     ("- a\n- b\n", "expected a mapping"),
 ])
 def test_bad_recipes_fail_before_any_work(tmp_path, text, match):

@@ -146,9 +146,9 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
         raise ValueError(f"cutout is a square's side in pixels (0 = off), got {cfg.cutout}")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, not {cfg.compile_mode!r}")
+    device = pick_device(cfg.device)
     run = RunDir(run_dir, "backbone")
     run.check_config(cfg)
-    device = pick_device(cfg.device)
     train, val = load_split(cfg)
 
     torch.manual_seed(cfg.seed)

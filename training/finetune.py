@@ -16,7 +16,7 @@ from gating.executor import execute
 from gating.model import GatedModel
 from gating.policies import make_policy
 from training.data import ImageSet, augment, batches, normalize
-from training.run import RunDir, epoch_generator, use_bf16
+from training.run import RunDir, epoch_generator, pick_device, use_bf16
 
 
 @dataclass
@@ -32,6 +32,7 @@ class FinetuneConfig:
     distill: float = 0.0  # weight of distillation from the full-path teacher (0 = plain cross-entropy)
     temperature: float = 4.0  # softens teacher and student logits for distillation
     amp: str = "auto"  # bf16 autocast, as in S1
+    device: str = "auto"  # "auto" = the accelerator when present; the model comes back on the CPU
     channels_last: bool = True  # as in S1: S5 steps 1.35x faster on the 2-core Xeon (skipserve bench finetune)
     seed: int = 0
 
@@ -67,10 +68,11 @@ def recalibrate_bn(model: GatedModel, data: ImageSet, *, images: int, batch_size
         bn.momentum = None  # cumulative average over all recalibration batches
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data), generator=g)[:images]
+    device = next(model.backbone.parameters()).device
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            x = normalize(data.images[idx])
+            x = normalize(data.images[idx]).to(device)
             keep = model.decide(x)
             model.backbone.train()
             execute(model.backbone, x, keep)
@@ -86,17 +88,19 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
     ``teacher`` (run in full), or else a frozen copy of the backbone as it enters S5."""
     if not 0 <= cfg.distill <= 1:
         raise ValueError(f"distill must be in [0, 1], got {cfg.distill}")
+    device = pick_device(cfg.device)
     run = RunDir(run_dir, "finetune")
     run.check_config(cfg)
     if cfg.distill:  # a frozen copy: the teacher may be the very module being finetuned
         teacher = copy.deepcopy(teacher if teacher is not None else model.backbone).eval().requires_grad_(False)
     else:
         teacher = None
-    use_amp = use_bf16(torch.device("cpu"), cfg.amp)
+    use_amp = use_bf16(device, cfg.amp)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(device)
     model.backbone.to(memory_format=fmt)
     if teacher is not None:
-        teacher.to(memory_format=fmt)
+        teacher.to(device, memory_format=fmt)
     model.policy = make_policy(cfg.policy, cfg.knob)
     model.gate.requires_grad_(False)
     params = list(model.backbone.parameters())
@@ -117,9 +121,9 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
             t = (epoch * steps_per_epoch + step) / total
             for group in opt.param_groups:
                 group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
-            x = normalize(augment(train.images[idx], g)).contiguous(memory_format=fmt)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_amp):
-                loss = train_on_own_paths(model, x, train.labels[idx], teacher=teacher, distill=cfg.distill,
+            x = normalize(augment(train.images[idx], g)).to(device, memory_format=fmt)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = train_on_own_paths(model, x, train.labels[idx].to(device), teacher=teacher, distill=cfg.distill,
                                           temperature=cfg.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -131,4 +135,4 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
     recalibrate_bn(model, train, images=min(cfg.recalibration_images, len(train)), seed=cfg.seed)
     model.backbone.to(memory_format=torch.contiguous_format)
     model.gate.requires_grad_(True)
-    return model.eval()
+    return model.cpu().eval()

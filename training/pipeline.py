@@ -111,6 +111,11 @@ def _validate(recipe: Recipe, where: str) -> None:
         raise RecipeError(f"{where}: [refine] cannot set {unknown}; it may set {sorted(known)} "
                           "(every round serves the [finetune] policy and knob)")
     make_policy(recipe.finetune.policy, recipe.finetune.knob)  # raises on a bad rule or knob
+    for section, config in (("backbone", recipe.backbone), ("finetune", recipe.finetune)):
+        try:
+            pick_device(config.device)
+        except ValueError as err:
+            raise RecipeError(f"{where}: [{section}] {err}") from None
 
 
 def best_round(rounds: list[dict], min_flops_saved: float) -> dict:
@@ -140,7 +145,7 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
             labels = rdir / "labels.safetensors"
             if not labels.exists():  # round k >= 2: on the paths the previous round's model runs
                 # on the accelerator when present (inference only: ResNet-56's 45,000 x 27 labels took
-                # 28 s on an H200, data decoding included); S4 and S5 stay on the CPU
+                # 28 s on an H200, data decoding included); S4 stays on the CPU, S5 picks its own device
                 model.to(pick_device(recipe.backbone.device))
                 imp = label_dataset(model.backbone, train, recipe.label, decide=model.decide if k > 1 else None)
                 model.cpu()

@@ -103,9 +103,16 @@ def _defaults(config: Any) -> dict:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """A stage's ``device`` field: "auto" (the accelerator when present), "cpu", "cuda" or "cuda:N"."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but this machine has no CUDA device; use 'auto' or 'cpu'")
+    return device
 
 
 def use_bf16(device: torch.device, amp: str = "auto") -> bool:
