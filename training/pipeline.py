@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from gating.checkpoint import atomic_write_text
+from gating.gates import GATES
 from gating.model import GatedModel
 from gating.policies import make_policy
 from training.backbone import BackboneConfig, evaluate, load_split, train_backbone
@@ -96,7 +97,7 @@ def _validate(recipe: Recipe, where: str) -> None:
     checks = [
         (recipe.rounds >= 1, "rounds must be >= 1"),
         (recipe.backbone.epochs >= 1, "[backbone] epochs must be >= 1"),
-        (recipe.gate.kind in ("resnet8", "lstm", "mlp"), f"[gate] unknown kind {recipe.gate.kind!r}"),
+        (recipe.gate.kind in GATES, f"[gate] unknown kind {recipe.gate.kind!r}; known: {', '.join(GATES)}"),
         (0 < recipe.targets.min_flops_saved < 1, "[targets] min_flops_saved must be in (0, 1)"),
         (recipe.targets.max_top1_drop >= 0, "[targets] max_top1_drop must be >= 0"),
     ]
