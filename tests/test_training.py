@@ -343,8 +343,13 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_stages(image_dir, tmp_path
     model = GatedModel.load(summary["final"])
     assert model.gate.kind == "resnet8" and model.policy.to_dict() == {"name": "budget", "knob": 0.6}
     for name in ("recipe.yaml", "summary.json", "s1/backbone.safetensors", "round1/labels.safetensors",
-                 "round1/gated.safetensors", "round1/model.safetensors", "round1/eval.json"):
+                 "round1/gated.safetensors", "round1/model.safetensors", "round1/eval.json", "round1/eval-gated.json"):
         assert (tmp_path / "run" / name).exists(), name
+    # the S4 and S5 outputs both compete; the final checkpoint is the best of them
+    assert [(c["round"], c["stage"]) for c in summary["candidates"]] == [(1, "S4"), (1, "S5")]
+    best = max(summary["candidates"], key=lambda c: (c["flops_saved"] >= 0.3, c["top1"]))
+    assert summary["final"] == best["checkpoint"] and summary["best_stage"] == best["stage"]
+    assert summary["rounds"] == [summary["candidates"][1]]
     before = (tmp_path / "run" / "round1" / "model.safetensors").stat().st_mtime_ns
     assert run_pipeline(_recipe(tmp_path, image_dir), tmp_path / "run")["rounds"][0]["top1"] == r["top1"]
     assert (tmp_path / "run" / "round1" / "model.safetensors").stat().st_mtime_ns == before
@@ -384,6 +389,9 @@ def test_the_final_model_is_the_best_round_not_the_last():
               {"round": 3, "top1": 0.90, "flops_saved": 0.10}]
     assert best_round(rounds, 0.4)["round"] == 1  # round 3 is more accurate but does not save enough
     assert best_round(rounds, 0.5)["round"] == 3  # none saves enough: the most accurate
+    s4 = {"round": 2, "stage": "S4", "top1": 0.85, "flops_saved": 0.41}
+    s5 = {"round": 2, "stage": "S5", "top1": 0.60, "flops_saved": 0.41}
+    assert best_round(rounds + [s4, s5], 0.4) is s4  # a round's S5 that made things worse is not shipped
 
 
 @pytest.mark.parametrize("text,match", [

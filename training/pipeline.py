@@ -9,8 +9,9 @@ skipped, and a stage that was killed resumes from its last finished epoch):
                                  path, later rounds on each image's path under the previous model)
     round<k>/gated.safetensors   S4 output: the backbone with its new gate
     round<k>/model.safetensors   S5 output: finetuned, BN recalibrated
-    round<k>/eval.json           validation figures of that round
-    summary.json                 rounds, figures, targets met, final checkpoint (the best round)
+    round<k>/eval-gated.json     validation figures of the S4 output (the new gate on the previous backbone)
+    round<k>/eval.json           validation figures of the S5 output
+    summary.json                 rounds, candidates, targets met, final checkpoint (the best candidate)
 """
 from __future__ import annotations
 
@@ -120,8 +121,10 @@ def _validate(recipe: Recipe, where: str) -> None:
 
 
 def best_round(rounds: list[dict], min_flops_saved: float) -> dict:
-    """The round to ship: the most accurate of those saving enough FLOPs, else the most accurate.
-    A later round is not always better (round 2 of an earlier recipe, labelled on the full path, lost 20 pp)."""
+    """The candidate to ship: the most accurate of those saving enough FLOPs, else the most accurate.
+    A later round is not always better (round 2 of an earlier recipe, labelled on the full path, lost 20 pp),
+    nor is a round's S5 output always better than its S4 output (a new gate on the previous round's
+    finetuned backbone scored 0.849 before S5 and 0.601 after)."""
     return max(rounds, key=lambda r: (r["flops_saved"] >= min_flops_saved, r["top1"]))
 
 
@@ -138,10 +141,10 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
     train, val = load_split(recipe.backbone)
     base = GatedModel.load(s1)
     base_top1 = evaluate(base.backbone, val)
-    rounds, model, met = [], base, False
+    rounds, candidates, model, met = [], [], base, False
     for k in range(1, recipe.rounds + 1):
         rdir = run / f"round{k}"
-        final = rdir / "model.safetensors"
+        gated, final = rdir / "gated.safetensors", rdir / "model.safetensors"
         if not final.exists():
             labels = rdir / "labels.safetensors"
             if not labels.exists():  # round k >= 2: on the paths the previous round's model runs
@@ -153,29 +156,32 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
                 save_labels(labels, imp, source=str(s1 if k == 1 else run / f"round{k - 1}" / "model.safetensors"),
                             num_units=model.num_units)
             imp = load_labels(labels, num_images=len(train), num_units=model.num_units)
-            gated = rdir / "gated.safetensors"
             if gated.exists():
                 model = GatedModel.load(gated)
             else:
                 model = train_gate(model, train, imp, recipe.gate, rdir)
                 model.policy = make_policy(recipe.finetune.policy, recipe.finetune.knob)
+                model.card.info = {**model.card.info, "stage": f"S4 round {k}", "recipe": str(recipe_path)}
                 model.save(gated)
             model = finetune(model, train, recipe.finetune_config(k), rdir, teacher=base.backbone)
             model.card.info = {**model.card.info, "stage": f"S5 round {k}", "recipe": str(recipe_path)}
             model.save(final)
+        # both outputs of the round are candidates: S5 does not always improve on S4's gate
+        for stage, path, name in (("S4", gated, "eval-gated.json"), ("S5", final, "eval.json")):
+            figures = evaluate_gated(GatedModel.load(path), val)
+            figures.update(round=k, stage=stage, checkpoint=str(path), backbone_top1=base_top1,
+                           flops_saved=1 - figures["flops_ratio"], top1_drop=base_top1 - figures["top1"])
+            atomic_write_text(rdir / name, json.dumps(figures, indent=2) + "\n")
+            candidates.append(figures)
+        rounds.append(candidates[-1])
         model = GatedModel.load(final)
-        figures = evaluate_gated(model, val)
-        figures.update(round=k, backbone_top1=base_top1, flops_saved=1 - figures["flops_ratio"],
-                       top1_drop=base_top1 - figures["top1"])
-        atomic_write_text(rdir / "eval.json", json.dumps(figures, indent=2) + "\n")
-        rounds.append(figures)
-        met = (figures["flops_saved"] >= recipe.targets.min_flops_saved
-               and figures["top1_drop"] <= recipe.targets.max_top1_drop)
+        met = any(f["flops_saved"] >= recipe.targets.min_flops_saved and f["top1_drop"] <= recipe.targets.max_top1_drop
+                  for f in candidates[-2:])
         if met:
             break
-    best = best_round(rounds, recipe.targets.min_flops_saved)
-    summary = {"backbone": str(s1), "backbone_top1": base_top1, "rounds": rounds, "targets_met": met,
-               "targets": dataclasses.asdict(recipe.targets), "best_round": best["round"],
-               "final": str(run / f"round{best['round']}" / "model.safetensors")}
+    best = best_round(candidates, recipe.targets.min_flops_saved)
+    summary = {"backbone": str(s1), "backbone_top1": base_top1, "rounds": rounds, "candidates": candidates,
+               "targets_met": met, "targets": dataclasses.asdict(recipe.targets), "best_round": best["round"],
+               "best_stage": best["stage"], "final": best["checkpoint"]}
     atomic_write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
