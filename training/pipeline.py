@@ -168,13 +168,13 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
             model.save(final)
         # both outputs of the round are candidates: S5 does not always improve on S4's gate
         for stage, path, name in (("S4", gated, "eval-gated.json"), ("S5", final, "eval.json")):
-            figures = evaluate_gated(GatedModel.load(path), val)
+            model = GatedModel.load(path)  # the S5 output, after the loop: the next round labels its paths
+            figures = evaluate_gated(model, val)
             figures.update(round=k, stage=stage, checkpoint=str(path), backbone_top1=base_top1,
                            flops_saved=1 - figures["flops_ratio"], top1_drop=base_top1 - figures["top1"])
             atomic_write_text(rdir / name, json.dumps(figures, indent=2) + "\n")
             candidates.append(figures)
         rounds.append(candidates[-1])
-        model = GatedModel.load(final)
         met = any(f["flops_saved"] >= recipe.targets.min_flops_saved and f["top1_drop"] <= recipe.targets.max_top1_drop
                   for f in candidates[-2:])
         if met:
