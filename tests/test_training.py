@@ -404,6 +404,7 @@ def test_the_final_model_is_the_best_round_not_the_last():
     ("rounds: [1\n", "not valid YAML"),
     ("finetune: {device: gpu}\n", "\\[finetune\\] device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
     ("backbone: {device: npu0}\n", "\\[backbone\\] device must be"),
+    ("refine: {device: gpu}\n", "\\[refine\\] device must be"),
     ("- a\n- b\n", "expected a mapping"),
 ])
 def test_bad_recipes_fail_before_any_work(tmp_path, text, match):

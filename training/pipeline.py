@@ -113,7 +113,8 @@ def _validate(recipe: Recipe, where: str) -> None:
         raise RecipeError(f"{where}: [refine] cannot set {unknown}; it may set {sorted(known)} "
                           "(every round serves the [finetune] policy and knob)")
     make_policy(recipe.finetune.policy, recipe.finetune.knob)  # raises on a bad rule or knob
-    for section, config in (("backbone", recipe.backbone), ("finetune", recipe.finetune)):
+    for section, config in (("backbone", recipe.backbone), ("finetune", recipe.finetune),
+                            ("refine", recipe.finetune_config(2))):
         try:
             pick_device(config.device)
         except ValueError as err:
