@@ -159,7 +159,11 @@ def _finetune(args: argparse.Namespace) -> int:
         raise ValueError("--teacher is used only with distillation; add --set distill=0.7 (its weight)")
     teacher = _load_model(args.teacher).backbone if args.teacher else None
     train, _ = load_split(BackboneConfig(data=args.data, val_fraction=args.val_fraction, split_seed=args.split_seed))
-    finetune(model, train, cfg, args.run_dir, teacher=teacher).save(args.out)
+    model = finetune(model, train, cfg, args.run_dir, teacher=teacher)
+    # epochs 0 recalibrates BN only: the card says which, and from what
+    stage = "S5" if cfg.epochs else "S5 BN recalibration only"
+    model.card.info = {**model.card.info, "stage": stage, "from": str(args.checkpoint), "finetune": vars(cfg)}
+    model.save(args.out)
     print(args.out)
     return 0
 
@@ -440,7 +444,7 @@ def _add_stages(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("finetune", help="S5: finetune the backbone on each image's own path, recalibrate BN")
     p.add_argument("--checkpoint", required=True, help="gated checkpoint from train-gate")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="0: only recalibrate BN on the gate's paths (default: 3)")
     p.add_argument("--out", required=True, help="checkpoint to write")
     p.add_argument("--teacher", help="with distill > 0: the checkpoint (or shipped name) whose backbone, run in full, "
                                      "is distilled; default: the backbone as it enters S5. A later round needs "

@@ -310,6 +310,32 @@ def test_killed_finetune_resumes_to_the_same_weights(image_dir, gated_checkpoint
     assert not torch.equal(a["stem.0.weight"], GatedModel.load(path).backbone.state_dict()["stem.0.weight"])
 
 
+@pytest.mark.parametrize("cutout_size", [0, 8])
+def test_recalibration_estimates_bn_statistics_on_augmented_images(image_dir, gated_checkpoint, cutout_size):
+    from training.data import augment, normalize
+    from training.finetune import recalibrate_bn
+
+    train, _ = split_train_val(load_image_folder(image_dir), val_fraction=0.25, seed=0)
+    model = GatedModel.load(gated_checkpoint)
+    recalibrate_bn(model, train, images=40, batch_size=40, seed=3, cutout_size=cutout_size)
+    assert not model.training and model.backbone.stem[1].momentum == 0.1
+
+    stem = GatedModel.load(gated_checkpoint).backbone.stem[0]  # the stem conv, before its BN
+
+    def stem_mean(x):
+        with torch.no_grad():
+            return stem(x).mean((0, 2, 3))
+
+    g = torch.Generator().manual_seed(3)  # the draws recalibrate_bn makes: order, crops and flips, squares
+    idx = torch.randperm(len(train), generator=g)[:40]
+    x = normalize(augment(train.images[idx], g))
+    if cutout_size:
+        x = cutout(x, cutout_size, g)
+    got = model.backbone.stem[1].running_mean
+    assert torch.allclose(got, stem_mean(x), atol=1e-4)
+    assert not torch.allclose(got, stem_mean(normalize(train.images[idx])), atol=1e-2)  # clean images differ
+
+
 @pytest.mark.parametrize("device, message", [("tpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
                                              ("cuda:0", "has no CUDA device")])
 def test_finetune_refuses_a_bad_device_before_any_work(image_dir, gated_checkpoint, tmp_path, device, message):
@@ -350,6 +376,11 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_stages(image_dir, tmp_path
     best = max(summary["candidates"], key=lambda c: (c["flops_saved"] >= 0.3, c["top1"]))
     assert summary["final"] == best["checkpoint"] and summary["best_stage"] == best["stage"]
     assert summary["rounds"] == [summary["candidates"][1]]
+    # the S4 output is S1's backbone with BN statistics of its gate's paths: same weights, new statistics
+    s1 = GatedModel.load(tmp_path / "run" / "s1" / "backbone.safetensors").backbone.state_dict()
+    s4 = GatedModel.load(tmp_path / "run" / "round1" / "gated.safetensors").backbone.state_dict()
+    assert all(torch.equal(s1[k], s4[k]) for k in s1 if "running" not in k and "num_batches" not in k)
+    assert not torch.equal(s1["units.8.bn1.running_mean"], s4["units.8.bn1.running_mean"])
     before = (tmp_path / "run" / "round1" / "model.safetensors").stat().st_mtime_ns
     assert run_pipeline(_recipe(tmp_path, image_dir), tmp_path / "run")["rounds"][0]["top1"] == r["top1"]
     assert (tmp_path / "run" / "round1" / "model.safetensors").stat().st_mtime_ns == before

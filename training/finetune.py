@@ -15,7 +15,7 @@ from tqdm import tqdm
 from gating.executor import execute
 from gating.model import GatedModel
 from gating.policies import make_policy
-from training.data import ImageSet, augment, batches, normalize
+from training.data import ImageSet, augment, batches, cutout, normalize
 from training.run import RunDir, epoch_generator, pick_device, use_bf16
 
 
@@ -28,7 +28,7 @@ class FinetuneConfig:
     lr: float = 0.01  # cosine from here to zero
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    recalibration_images: int = 10_000  # images whose gated paths set the BN running statistics
+    recalibration_images: int = 10_000  # augmented training images whose gated paths set the BN statistics
     distill: float = 0.0  # weight of distillation from the full-path teacher (0 = plain cross-entropy)
     temperature: float = 4.0  # softens teacher and student logits for distillation
     amp: str = "auto"  # bf16 autocast, as in S1
@@ -59,8 +59,16 @@ def train_on_own_paths(model: GatedModel, x: torch.Tensor, y: torch.Tensor, *,
 
 
 @torch.no_grad()
-def recalibrate_bn(model: GatedModel, data: ImageSet, *, images: int, batch_size: int = 250, seed: int = 0) -> None:
-    """Reset every backbone BN's running statistics and re-estimate them on the gated paths."""
+def recalibrate_bn(model: GatedModel, data: ImageSet, *, images: int, batch_size: int = 250, seed: int = 0,
+                   cutout_size: int = 0) -> None:
+    """Reset every backbone BN's running statistics and re-estimate them on the gated paths.
+
+    The images are augmented as the weights were trained (random crop and flip, plus Cutout of
+    ``cutout_size`` for a backbone S1 trained with it): statistics of clean images do not match the
+    weights. Measured on the validation split: the shipped default model scored 0.8412 recalibrated
+    on clean images, 0.8592 on augmented ones; its S1 backbone (Cutout 16) 0.8352 on clean images,
+    0.8596 with crop and flip, 0.8778 with Cutout as well (0.8788 with the statistics S1 left).
+    """
     bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
@@ -72,7 +80,10 @@ def recalibrate_bn(model: GatedModel, data: ImageSet, *, images: int, batch_size
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            x = normalize(data.images[idx]).to(device)
+            x = normalize(augment(data.images[idx], g))
+            if cutout_size:
+                x = cutout(x, cutout_size, g)
+            x = x.to(device)
             keep = model.decide(x)
             model.backbone.train()
             execute(model.backbone, x, keep)

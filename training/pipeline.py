@@ -7,7 +7,7 @@ skipped, and a stage that was killed resumes from its last finished epoch):
     s1/backbone.safetensors      S1 output (+ s1/metrics.jsonl, s1/backbone-state.pt)
     round<k>/labels.safetensors  S3 importance labels of the training split (round 1 on the full
                                  path, later rounds on each image's path under the previous model)
-    round<k>/gated.safetensors   S4 output: the backbone with its new gate
+    round<k>/gated.safetensors   S4 output: the backbone with its new gate, BN recalibrated on its paths
     round<k>/model.safetensors   S5 output: finetuned, BN recalibrated
     round<k>/eval-gated.json     validation figures of the S4 output (the new gate on the previous backbone)
     round<k>/eval.json           validation figures of the S5 output
@@ -29,7 +29,7 @@ from gating.model import GatedModel
 from gating.policies import make_policy
 from training.backbone import BackboneConfig, evaluate, load_split, train_backbone
 from training.evaluate import evaluate_gated
-from training.finetune import FinetuneConfig, finetune
+from training.finetune import FinetuneConfig, finetune, recalibrate_bn
 from training.gate import GateConfig, train_gate
 from training.labels import LabelConfig, label_dataset, load_labels, save_labels
 from training.run import pick_device
@@ -162,6 +162,12 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
             else:
                 model = train_gate(model, train, imp, recipe.gate, rdir)
                 model.policy = make_policy(recipe.finetune.policy, recipe.finetune.knob)
+                # a new gate sends images down other paths: BN statistics for them, on images augmented
+                # as the backbone was trained (S1 with its Cutout in round 1, S5 without it later).
+                # The shipped default, round 2's S4 output, went from 0.8492 to 0.8592 by this alone.
+                ft = recipe.finetune_config(k)
+                recalibrate_bn(model, train, images=min(ft.recalibration_images, len(train)), seed=ft.seed,
+                               cutout_size=recipe.backbone.cutout if k == 1 else 0)
                 model.card.info = {**model.card.info, "stage": f"S4 round {k}", "recipe": str(recipe_path)}
                 model.save(gated)
             model = finetune(model, train, recipe.finetune_config(k), rdir, teacher=base.backbone)
