@@ -159,10 +159,11 @@ def _finetune(args: argparse.Namespace) -> int:
         raise ValueError("--teacher is used only with distillation; add --set distill=0.7 (its weight)")
     teacher = _load_model(args.teacher).backbone if args.teacher else None
     train, _ = load_split(BackboneConfig(data=args.data, val_fraction=args.val_fraction, split_seed=args.split_seed))
+    before = model.card.info.get("stage", "stage unknown")
     model = finetune(model, train, cfg, args.run_dir, teacher=teacher)
     # epochs 0 recalibrates BN only: the card says which, and from what
-    stage = "S5" if cfg.epochs else "S5 BN recalibration only"
-    model.card.info = {**model.card.info, "stage": stage, "from": str(args.checkpoint), "finetune": vars(cfg)}
+    model.card.info = {**model.card.info, "stage": "S5" if cfg.epochs else "S5 BN recalibration only",
+                       "from": f"{args.checkpoint} ({before})", "finetune": vars(cfg)}
     model.save(args.out)
     print(args.out)
     return 0

@@ -57,6 +57,18 @@ def test_train_label_gate_finetune_eval(image_dir, tmp_path):
     assert out.returncode == 2 and "--teacher is used only with distillation" in out.stderr
     skipserve(*finetune, "--set", "distill=0.5", "--run-dir", tmp_path / "ft2", env_cache=cache)
     assert (tmp_path / "round2.safetensors").exists()
+    # --epochs 0: BN statistics re-estimated on the gate's paths, nothing else changed, and the card says so
+    skipserve("finetune", "--checkpoint", tmp_path / "gated.safetensors", "--epochs", "0", "--set",
+              "recalibration_images=30", "--out", tmp_path / "recal.safetensors", "--run-dir", tmp_path / "ft0",
+              *common, env_cache=cache)
+    from gating.model import GatedModel
+
+    gated, recal = (GatedModel.load(tmp_path / f) for f in ("gated.safetensors", "recal.safetensors"))
+    a, b = gated.state_dict(), recal.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if "running" not in k and "num_batches" not in k)
+    assert not torch.equal(a["backbone.units.4.bn1.running_var"], b["backbone.units.4.bn1.running_var"])
+    assert recal.card.info["stage"] == "S5 BN recalibration only"
+    assert recal.card.info["from"].startswith(str(tmp_path / "gated.safetensors"))
     # where an S5 step's time goes, for this model: every part timed, in both layouts
     bench = json.loads(skipserve("bench", "finetune", "--checkpoint", tmp_path / "final.safetensors", "--teacher", s1,
                                  "--batch", "8", "--quick", "--json", "--threads", "1", env_cache=cache).stdout)
