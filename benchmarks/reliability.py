@@ -334,6 +334,7 @@ async def _overload(url: str, body: bytes, cfg: ReliabilityBenchConfig) -> dict:
 
     statuses: Counter = Counter()
     rejected_ms: list[float] = []
+    served_ms: list[float] = []
     stop_at = time.perf_counter() + cfg.overload_s
 
     async def client(session):
@@ -344,10 +345,15 @@ async def _overload(url: str, body: bytes, cfg: ReliabilityBenchConfig) -> dict:
                 statuses[r.status] += 1
                 if r.status == 503:
                     rejected_ms.append((time.perf_counter() - t0) * 1e3)
+                elif r.status == 200:
+                    served_ms.append((time.perf_counter() - t0) * 1e3)
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120),
                                      connector=aiohttp.TCPConnector(limit=cfg.overload_concurrency)) as s:
         await asyncio.gather(*(client(s) for _ in range(cfg.overload_concurrency)))
-    rejected_ms.sort()
+    def quantile(values: list[float], q: float) -> Optional[float]:
+        return sorted(values)[int(q * (len(values) - 1))] if values else None
+
     return {"status_counts": {str(k): v for k, v in sorted(statuses.items())},
-            "rejected_p99_ms": rejected_ms[int(0.99 * (len(rejected_ms) - 1))] if rejected_ms else None}
+            "rejected_p50_ms": quantile(rejected_ms, 0.5), "rejected_p99_ms": quantile(rejected_ms, 0.99),
+            "served_p50_ms": quantile(served_ms, 0.5)}
