@@ -351,6 +351,7 @@ async def _overload(url: str, body: bytes, cfg: ReliabilityBenchConfig) -> dict:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120),
                                      connector=aiohttp.TCPConnector(limit=cfg.overload_concurrency)) as s:
         await asyncio.gather(*(client(s) for _ in range(cfg.overload_concurrency)))
+
     def quantile(values: list[float], q: float) -> Optional[float]:
         return sorted(values)[int(q * (len(values) - 1))] if values else None
 
