@@ -61,7 +61,8 @@ def train_on_own_paths(model: GatedModel, x: torch.Tensor, y: torch.Tensor, *,
 @torch.no_grad()
 def recalibrate_bn(model: GatedModel, data: ImageSet, *, images: int, batch_size: int = 250, seed: int = 0,
                    cutout_size: int = 0) -> None:
-    """Reset every backbone BN's running statistics and re-estimate them on the gated paths.
+    """Reset every backbone BN's running statistics and re-estimate them on the gated paths of
+    ``images`` training images (all of them when there are fewer).
 
     The images are augmented as the weights were trained (random crop and flip, plus Cutout of
     ``cutout_size`` for a backbone S1 trained with it): statistics of clean images do not match the
@@ -143,7 +144,7 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
             seen += len(idx)
         run.end_epoch({"backbone": model.backbone.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1},
                       {"epoch": epoch, "train_loss": loss_sum / seen, "seconds": time.perf_counter() - t0})
-    recalibrate_bn(model, train, images=min(cfg.recalibration_images, len(train)), seed=cfg.seed)
+    recalibrate_bn(model, train, images=cfg.recalibration_images, seed=cfg.seed)
     model.backbone.to(memory_format=torch.contiguous_format)
     model.gate.requires_grad_(True)
     return model.cpu().eval()
