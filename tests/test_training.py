@@ -386,12 +386,24 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_stages(image_dir, tmp_path
     assert (tmp_path / "run" / "round1" / "model.safetensors").stat().st_mtime_ns == before
 
 
-def test_second_round_labels_the_paths_of_the_first_rounds_model(image_dir, tmp_path):
+def test_second_round_labels_the_paths_of_the_first_rounds_model(image_dir, tmp_path, monkeypatch):
+    import training.pipeline
+
     text = _recipe(tmp_path, image_dir).read_text().replace("rounds: 1", "rounds: 2")
     text = text.replace("gate: {kind: resnet8,", "gate: {kind: resnet8, hyper: {resolution: 16},")
     text = text.replace("min_flops_saved: 0.3", "min_flops_saved: 0.9")  # round 1 cannot meet it
     text += "refine: {lr: 0.005}\n"
+    teachers, finetune = [], training.pipeline.finetune
+
+    def recording_finetune(model, train, cfg, run_dir, *, teacher):
+        teachers.append({k: v.clone() for k, v in teacher.state_dict().items()})
+        return finetune(model, train, cfg, run_dir, teacher=teacher)
+
+    monkeypatch.setattr(training.pipeline, "finetune", recording_finetune)
     summary = run_pipeline(_recipe(tmp_path, image_dir, text), tmp_path / "run")
+    # every round's S5 distils from the S1 backbone, not from what round 1 finetuned it into
+    s1 = GatedModel.load(tmp_path / "run" / "s1" / "backbone.safetensors").backbone.state_dict()
+    assert len(teachers) == 2 and all(torch.equal(t[k], s1[k]) for t in teachers for k in s1)
     assert [r["round"] for r in summary["rounds"]] == [1, 2] and not summary["targets_met"]
     first = GatedModel.load(tmp_path / "run" / "round1" / "model.safetensors")
     assert first.gate.config()["resolution"] == 16
