@@ -69,6 +69,13 @@ def test_train_label_gate_finetune_eval(image_dir, tmp_path):
     assert not torch.equal(a["backbone.units.4.bn1.running_var"], b["backbone.units.4.bn1.running_var"])
     assert recal.card.info["stage"] == "S5 BN recalibration only"
     assert recal.card.info["from"].startswith(str(tmp_path / "gated.safetensors"))
+    # the card keeps the chain of stages: S1 -> S4 -> recalibration here, S1 -> S4 -> S5 -> S5 for round 2
+    assert [(h["stage"], h["from"].split(" (")[0]) for h in recal.card.info["history"]] == [
+        ("S4", s1), ("S5 BN recalibration only", str(tmp_path / "gated.safetensors"))]
+    assert recal.card.info["history"][0]["labels"] == str(tmp_path / "labels.safetensors")
+    history = GatedModel.load(tmp_path / "round2.safetensors").card.info["history"]
+    assert [h["stage"] for h in history] == ["S4", "S5", "S5"] and history[-1]["teacher"] == s1
+    assert history[0]["from"] == f"{s1} (S1)" and history[-1]["finetune"]["distill"] == 0.5
     # where an S5 step's time goes, for this model: every part timed, in both layouts
     bench = json.loads(skipserve("bench", "finetune", "--checkpoint", tmp_path / "final.safetensors", "--teacher", s1,
                                  "--batch", "8", "--quick", "--json", "--threads", "1", env_cache=cache).stdout)
