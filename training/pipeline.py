@@ -167,7 +167,7 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
                 model.policy = make_policy(recipe.finetune.policy, recipe.finetune.knob)
                 # a new gate sends images down other paths: BN statistics for them, on images augmented
                 # as the backbone was trained (S1 with its Cutout in round 1, S5 without it later).
-                # The shipped default, round 2's S4 output, went from 0.8492 to 0.8592 by this alone.
+                # The default of commit 1409eb5 (round 2's S4 output) went from 0.8492 to 0.8592 by this alone.
                 ft = recipe.finetune_config(k)
                 recalibrate_bn(model, train, images=ft.recalibration_images, seed=ft.seed,
                                cutout_size=recipe.backbone.cutout if k == 1 else 0)
