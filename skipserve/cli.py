@@ -131,19 +131,11 @@ def _label(args: argparse.Namespace) -> int:
     return 0
 
 
-def _record_stage(model, stage: str, source: str, **details) -> None:
-    """Write on the card which stage made the checkpoint, from what, and append it to the card's
-    history: a model built by chaining stage commands keeps the whole chain, oldest first."""
-    info = model.card.info
-    step = {"stage": stage, "from": f"{source} ({info.get('stage', 'stage unknown')})", **details}
-    model.card.info = {**info, "stage": stage, "from": step["from"], **details,
-                       "history": [*info.get("history", []), step]}
-
-
 def _train_gate(args: argparse.Namespace) -> int:
     from training.backbone import BackboneConfig, load_split
     from training.gate import GateConfig, train_gate
     from training.labels import load_labels
+    from training.run import record_stage
 
     model = _load_model(args.checkpoint)
     train, _ = load_split(BackboneConfig(data=args.data, val_fraction=args.val_fraction, split_seed=args.split_seed))
@@ -151,7 +143,7 @@ def _train_gate(args: argparse.Namespace) -> int:
     cfg = config_from(GateConfig, args, kind=args.gate, objective=args.objective, epochs=args.epochs, seed=args.seed)
     model = train_gate(model, train, imp, cfg, args.run_dir)
     model.policy = _policy_from(args) or model.policy
-    _record_stage(model, "S4", args.checkpoint, gate=vars(cfg), labels=str(args.labels))
+    record_stage(model, "S4", args.checkpoint, gate=vars(cfg), labels=str(args.labels))
     model.save(args.out)
     print(args.out)
     return 0
@@ -160,6 +152,7 @@ def _train_gate(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from training.backbone import BackboneConfig, load_split
     from training.finetune import FinetuneConfig, finetune
+    from training.run import record_stage
 
     model = _load_model(args.checkpoint)
     if model.gate is None:
@@ -171,7 +164,7 @@ def _finetune(args: argparse.Namespace) -> int:
     train, _ = load_split(BackboneConfig(data=args.data, val_fraction=args.val_fraction, split_seed=args.split_seed))
     model = finetune(model, train, cfg, args.run_dir, teacher=teacher)
     # epochs 0 recalibrates BN only: the card says which
-    _record_stage(model, "S5" if cfg.epochs else "S5 BN recalibration only", args.checkpoint,
+    record_stage(model, "S5" if cfg.epochs else "S5 BN recalibration only", args.checkpoint,
                   finetune=vars(cfg), teacher=args.teacher)
     model.save(args.out)
     print(args.out)

@@ -376,6 +376,11 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_stages(image_dir, tmp_path
     best = max(summary["candidates"], key=lambda c: (c["flops_saved"] >= 0.3, c["top1"]))
     assert summary["final"] == best["checkpoint"] and summary["best_stage"] == best["stage"]
     assert summary["rounds"] == [summary["candidates"][1]]
+    # the card says how the model was made: S1 -> S4 -> S5, each step from the previous checkpoint
+    history = GatedModel.load(tmp_path / "run" / "round1" / "model.safetensors").card.info["history"]
+    assert [(h["stage"], h["from"]) for h in history] == [
+        ("S4 round 1", f"{tmp_path / 'run' / 's1' / 'backbone.safetensors'} (S1)"),
+        ("S5 round 1", f"{tmp_path / 'run' / 'round1' / 'gated.safetensors'} (S4 round 1)")]
     # the S4 output is S1's backbone with BN statistics of its gate's paths: same weights, new statistics
     s1 = GatedModel.load(tmp_path / "run" / "s1" / "backbone.safetensors").backbone.state_dict()
     s4 = GatedModel.load(tmp_path / "run" / "round1" / "gated.safetensors").backbone.state_dict()

@@ -32,7 +32,7 @@ from training.evaluate import evaluate_gated
 from training.finetune import FinetuneConfig, finetune, recalibrate_bn
 from training.gate import GateConfig, train_gate
 from training.labels import LabelConfig, label_dataset, load_labels, save_labels
-from training.run import pick_device
+from training.run import pick_device, record_stage
 
 
 class RecipeError(ValueError):
@@ -149,6 +149,7 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
     for k in range(1, recipe.rounds + 1):
         rdir = run / f"round{k}"
         gated, final = rdir / "gated.safetensors", rdir / "model.safetensors"
+        source = s1 if k == 1 else run / f"round{k - 1}" / "model.safetensors"  # the model this round starts from
         if not final.exists():
             labels = rdir / "labels.safetensors"
             if not labels.exists():  # round k >= 2: on the paths the previous round's model runs
@@ -157,7 +158,7 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
                 model.to(pick_device(recipe.backbone.device))
                 imp = label_dataset(model.backbone, train, recipe.label, decide=model.decide if k > 1 else None)
                 model.cpu()
-                save_labels(labels, imp, source=str(s1 if k == 1 else run / f"round{k - 1}" / "model.safetensors"),
+                save_labels(labels, imp, source=str(source),
                             num_units=model.num_units)
             imp = load_labels(labels, num_images=len(train), num_units=model.num_units)
             if gated.exists():
@@ -171,10 +172,10 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
                 ft = recipe.finetune_config(k)
                 recalibrate_bn(model, train, images=ft.recalibration_images, seed=ft.seed,
                                cutout_size=recipe.backbone.cutout if k == 1 else 0)
-                model.card.info = {**model.card.info, "stage": f"S4 round {k}", "recipe": str(recipe_path)}
+                record_stage(model, f"S4 round {k}", str(source), recipe=str(recipe_path))
                 model.save(gated)
             model = finetune(model, train, recipe.finetune_config(k), rdir, teacher=base.backbone)
-            model.card.info = {**model.card.info, "stage": f"S5 round {k}", "recipe": str(recipe_path)}
+            record_stage(model, f"S5 round {k}", str(gated), recipe=str(recipe_path))
             model.save(final)
         # both outputs of the round are candidates: S5 does not always improve on S4's gate
         for stage, path, name in (("S4", gated, "eval-gated.json"), ("S5", final, "eval.json")):

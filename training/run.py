@@ -131,3 +131,13 @@ def use_bf16(device: torch.device, amp: str = "auto") -> bool:
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def record_stage(model, stage: str, source: str, **details) -> None:
+    """Write on ``model``'s card which stage made it, from what, and append that to the card's
+    history: a model built stage by stage (the pipeline, or stage commands chained by hand) keeps
+    the whole chain, oldest first."""
+    info = model.card.info
+    step = {"stage": stage, "from": f"{source} ({info.get('stage', 'stage unknown')})", **details}
+    model.card.info = {**info, "stage": stage, "from": step["from"], **details,
+                       "history": [*info.get("history", []), step]}
