@@ -336,6 +336,31 @@ def test_recalibration_estimates_bn_statistics_on_augmented_images(image_dir, ga
     assert not torch.allclose(got, stem_mean(normalize(train.images[idx])), atol=1e-2)  # clean images differ
 
 
+def test_finetune_with_cutout_trains_and_recalibrates_on_cut_images(image_dir, gated_checkpoint, tmp_path,
+                                                                    monkeypatch):
+    import training.finetune as finetune_stage
+    from training.finetune import FinetuneConfig, finetune
+
+    train, _ = split_train_val(load_image_folder(image_dir), val_fraction=0.25, seed=0)
+    cfg = FinetuneConfig(epochs=1, batch_size=16, recalibration_images=40)
+    plain = finetune(GatedModel.load(gated_checkpoint), train, cfg, tmp_path / "plain").backbone.state_dict()
+    sizes = []
+
+    def spy(x, size, g):
+        sizes.append((len(x), size))
+        return cutout(x, size, g)
+
+    monkeypatch.setattr(finetune_stage, "cutout", spy)
+    cut = finetune(GatedModel.load(gated_checkpoint), train, dataclasses.replace(cfg, cutout=8),
+                   tmp_path / "cut").backbone.state_dict()
+    assert sum(n for n, _ in sizes) == len(train) + min(40, len(train))  # every training image, then recalibration's
+    assert {size for _, size in sizes} == {8}
+    assert any(not torch.equal(plain[k], cut[k]) for k in plain if plain[k].is_floating_point())
+    with pytest.raises(ValueError, match="cutout is a square's side"):
+        finetune(GatedModel.load(gated_checkpoint), train, dataclasses.replace(cfg, cutout=-1), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("device, message", [("tpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
                                              ("cuda:0", "has no CUDA device")])
 def test_finetune_refuses_a_bad_device_before_any_work(image_dir, gated_checkpoint, tmp_path, device, message):
@@ -453,6 +478,8 @@ def test_the_final_model_is_the_best_round_not_the_last():
     ("finetune: {device: gpu}\n", "\\[finetune\\] device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
     ("backbone: {device: npu0}\n", "\\[backbone\\] device must be"),
     ("refine: {device: gpu}\n", "\\[refine\\] device must be"),
+    ("refine: {cutout: -8}\n", "\\[refine\\] cutout is a square's side in pixels \\(0 = off\\), got -8"),
+    ("backbone: {cutout: -1}\n", "\\[backbone\\] cutout is a square's side"),
     ("- a\n- b\n", "expected a mapping"),
 ])
 def test_bad_recipes_fail_before_any_work(tmp_path, text, match):

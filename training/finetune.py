@@ -29,6 +29,7 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     recalibration_images: int = 10_000  # augmented training images whose gated paths set the BN statistics
+    cutout: int = 0  # Cutout square side in S5's training images and its BN recalibration (0 = crop and flip only)
     distill: float = 0.0  # weight of distillation from the full-path teacher (0 = plain cross-entropy)
     temperature: float = 4.0  # softens teacher and student logits for distillation
     amp: str = "auto"  # bf16 autocast, as in S1
@@ -100,6 +101,8 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
     ``teacher`` (run in full), or else a frozen copy of the backbone as it enters S5."""
     if not 0 <= cfg.distill <= 1:
         raise ValueError(f"distill must be in [0, 1], got {cfg.distill}")
+    if cfg.cutout < 0:
+        raise ValueError(f"cutout is a square's side in pixels (0 = off), got {cfg.cutout}")
     device = pick_device(cfg.device)
     run = RunDir(run_dir, "finetune")
     run.check_config(cfg)
@@ -133,7 +136,10 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
             t = (epoch * steps_per_epoch + step) / total
             for group in opt.param_groups:
                 group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
-            x = normalize(augment(train.images[idx], g)).to(device, memory_format=fmt)
+            x = normalize(augment(train.images[idx], g))
+            if cfg.cutout:
+                x = cutout(x, cfg.cutout, g)
+            x = x.to(device, memory_format=fmt)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss = train_on_own_paths(model, x, train.labels[idx].to(device), teacher=teacher, distill=cfg.distill,
                                           temperature=cfg.temperature)
@@ -144,7 +150,7 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
             seen += len(idx)
         run.end_epoch({"backbone": model.backbone.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1},
                       {"epoch": epoch, "train_loss": loss_sum / seen, "seconds": time.perf_counter() - t0})
-    recalibrate_bn(model, train, images=cfg.recalibration_images, seed=cfg.seed)
+    recalibrate_bn(model, train, images=cfg.recalibration_images, seed=cfg.seed, cutout_size=cfg.cutout)
     model.backbone.to(memory_format=torch.contiguous_format)
     model.gate.requires_grad_(True)
     return model.cpu().eval()

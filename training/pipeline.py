@@ -115,6 +115,8 @@ def _validate(recipe: Recipe, where: str) -> None:
     make_policy(recipe.finetune.policy, recipe.finetune.knob)  # raises on a bad rule or knob
     for section, config in (("backbone", recipe.backbone), ("finetune", recipe.finetune),
                             ("refine", recipe.finetune_config(2))):
+        if config.cutout < 0:
+            raise RecipeError(f"{where}: [{section}] cutout is a square's side in pixels (0 = off), got {config.cutout}")
         try:
             pick_device(config.device)
         except ValueError as err:
@@ -167,11 +169,11 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
                 model = train_gate(model, train, imp, recipe.gate, rdir)
                 model.policy = make_policy(recipe.finetune.policy, recipe.finetune.knob)
                 # a new gate sends images down other paths: BN statistics for them, on images augmented
-                # as the backbone was trained (S1 with its Cutout in round 1, S5 without it later).
+                # as the backbone was trained (S1's augmentation in round 1, S5's later).
                 # The default of commit 1409eb5 (round 2's S4 output) went from 0.8492 to 0.8592 by this alone.
                 ft = recipe.finetune_config(k)
                 recalibrate_bn(model, train, images=ft.recalibration_images, seed=ft.seed,
-                               cutout_size=recipe.backbone.cutout if k == 1 else 0)
+                               cutout_size=recipe.backbone.cutout if k == 1 else ft.cutout)
                 record_stage(model, f"S4 round {k}", str(source), recipe=str(recipe_path))
                 model.save(gated)
             model = finetune(model, train, recipe.finetune_config(k), rdir, teacher=base.backbone)
