@@ -422,14 +422,21 @@ def test_second_round_labels_the_paths_of_the_first_rounds_model(image_dir, tmp_
     text = _recipe(tmp_path, image_dir).read_text().replace("rounds: 1", "rounds: 2")
     text = text.replace("gate: {kind: resnet8,", "gate: {kind: resnet8, hyper: {resolution: 16},")
     text = text.replace("min_flops_saved: 0.3", "min_flops_saved: 0.9")  # round 1 cannot meet it
-    text += "refine: {lr: 0.005}\n"
+    text = text.replace("distill: 0.5}", "distill: 0.5, cutout: 4}")
+    text += "refine: {lr: 0.005, cutout: 6}\n"
     teachers, finetune = [], training.pipeline.finetune
+    cuts, recalibrate = [], training.pipeline.recalibrate_bn
 
     def recording_finetune(model, train, cfg, run_dir, *, teacher):
         teachers.append({k: v.clone() for k, v in teacher.state_dict().items()})
         return finetune(model, train, cfg, run_dir, teacher=teacher)
 
+    def recording_recalibration(model, train, **kwargs):
+        cuts.append(kwargs["cutout_size"])
+        return recalibrate(model, train, **kwargs)
+
     monkeypatch.setattr(training.pipeline, "finetune", recording_finetune)
+    monkeypatch.setattr(training.pipeline, "recalibrate_bn", recording_recalibration)
     summary = run_pipeline(_recipe(tmp_path, image_dir, text), tmp_path / "run")
     # every round's S5 distils from the S1 backbone, not from what round 1 finetuned it into
     s1 = GatedModel.load(tmp_path / "run" / "s1" / "backbone.safetensors").backbone.state_dict()
@@ -445,6 +452,9 @@ def test_second_round_labels_the_paths_of_the_first_rounds_model(image_dir, tmp_
     assert not torch.allclose(labels, label_dataset(first.backbone, train), atol=1e-3)
     lrs = [json.loads((tmp_path / "run" / f"round{k}" / "finetune-config.json").read_text())["lr"] for k in (1, 2)]
     assert lrs == [0.01, 0.005]
+    # each S4 output's BN statistics come from images augmented as its backbone was last trained:
+    # round 1's by S1 (no Cutout in this recipe), round 2's by round 1's S5 (Cutout 4, not refine's 6)
+    assert cuts == [0, 4]
 
 
 def test_a_gate_hyper_parameter_the_gate_does_not_take_fails_clearly(gated_checkpoint, image_dir, tmp_path):

@@ -169,11 +169,11 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
                 model = train_gate(model, train, imp, recipe.gate, rdir)
                 model.policy = make_policy(recipe.finetune.policy, recipe.finetune.knob)
                 # a new gate sends images down other paths: BN statistics for them, on images augmented
-                # as the backbone was trained (S1's augmentation in round 1, S5's later).
+                # as the backbone was last trained (S1's augmentation in round 1, the previous round's S5's later).
                 # The default of commit 1409eb5 (round 2's S4 output) went from 0.8492 to 0.8592 by this alone.
                 ft = recipe.finetune_config(k)
-                recalibrate_bn(model, train, images=ft.recalibration_images, seed=ft.seed,
-                               cutout_size=recipe.backbone.cutout if k == 1 else ft.cutout)
+                last_cutout = recipe.backbone.cutout if k == 1 else recipe.finetune_config(k - 1).cutout
+                recalibrate_bn(model, train, images=ft.recalibration_images, seed=ft.seed, cutout_size=last_cutout)
                 record_stage(model, f"S4 round {k}", str(source), recipe=str(recipe_path))
                 model.save(gated)
             model = finetune(model, train, recipe.finetune_config(k), rdir, teacher=base.backbone)
