@@ -17,8 +17,8 @@ from gating.backbones import ArchSpec, ResidualBackbone, build_backbone
 from gating.checkpoint import ModelCard
 from gating.executor import execute
 from gating.model import GatedModel
-from training.data import CIFAR_MEAN, CIFAR_STD, ImageSet, augment, batches, cutout, load_image_folder, normalize, \
-    split_train_val
+from training.data import CIFAR_MEAN, CIFAR_STD, ImageSet, augment, batches, check_cutout, cutout, load_image_folder, \
+    normalize, split_train_val
 from training.run import RunDir, epoch_generator, pick_device, use_bf16
 
 
@@ -142,8 +142,7 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
         raise ValueError(f"drop_units must be in [0, 1), got {cfg.drop_units}")
     if cfg.drop_units and cfg.compile:
         raise ValueError("drop_units runs the units one by one; set compile: false")
-    if cfg.cutout < 0:
-        raise ValueError(f"cutout is a square's side in pixels (0 = off), got {cfg.cutout}")
+    check_cutout(cfg.cutout)
     if cfg.compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, not {cfg.compile_mode!r}")
     device = pick_device(cfg.device)

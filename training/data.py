@@ -180,6 +180,12 @@ def augment(images: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Ten
     return out
 
 
+def check_cutout(size: int) -> None:
+    """The one check of a ``cutout`` setting (S1, S5 and recipes): a square's side, 0 for none."""
+    if size < 0:
+        raise ValueError(f"cutout is a square's side in pixels (0 = off), got {size}")
+
+
 def cutout(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
     """Zero one size x size square per image at a random centre, clipped at the borders
     (DeVries & Taylor 2017); on a normalised batch, zero is the mean colour."""

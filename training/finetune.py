@@ -15,7 +15,7 @@ from tqdm import tqdm
 from gating.executor import execute
 from gating.model import GatedModel
 from gating.policies import make_policy
-from training.data import ImageSet, augment, batches, cutout, normalize
+from training.data import ImageSet, augment, batches, check_cutout, cutout, normalize
 from training.run import RunDir, epoch_generator, pick_device, use_bf16
 
 
@@ -101,8 +101,7 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
     ``teacher`` (run in full), or else a frozen copy of the backbone as it enters S5."""
     if not 0 <= cfg.distill <= 1:
         raise ValueError(f"distill must be in [0, 1], got {cfg.distill}")
-    if cfg.cutout < 0:
-        raise ValueError(f"cutout is a square's side in pixels (0 = off), got {cfg.cutout}")
+    check_cutout(cfg.cutout)
     device = pick_device(cfg.device)
     run = RunDir(run_dir, "finetune")
     run.check_config(cfg)

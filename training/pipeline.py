@@ -28,6 +28,7 @@ from gating.gates import GATES
 from gating.model import GatedModel
 from gating.policies import make_policy
 from training.backbone import BackboneConfig, evaluate, load_split, train_backbone
+from training.data import check_cutout
 from training.evaluate import evaluate_gated
 from training.finetune import FinetuneConfig, finetune, recalibrate_bn
 from training.gate import GateConfig, train_gate
@@ -115,9 +116,8 @@ def _validate(recipe: Recipe, where: str) -> None:
     make_policy(recipe.finetune.policy, recipe.finetune.knob)  # raises on a bad rule or knob
     for section, config in (("backbone", recipe.backbone), ("finetune", recipe.finetune),
                             ("refine", recipe.finetune_config(2))):
-        if config.cutout < 0:
-            raise RecipeError(f"{where}: [{section}] cutout is a square's side in pixels (0 = off), got {config.cutout}")
         try:
+            check_cutout(config.cutout)
             pick_device(config.device)
         except ValueError as err:
             raise RecipeError(f"{where}: [{section}] {err}") from None
@@ -160,8 +160,7 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
                 model.to(pick_device(recipe.backbone.device))
                 imp = label_dataset(model.backbone, train, recipe.label, decide=model.decide if k > 1 else None)
                 model.cpu()
-                save_labels(labels, imp, source=str(source),
-                            num_units=model.num_units)
+                save_labels(labels, imp, source=str(source), num_units=model.num_units)
             imp = load_labels(labels, num_images=len(train), num_units=model.num_units)
             if gated.exists():
                 model = GatedModel.load(gated)
