@@ -34,11 +34,11 @@ class AutopilotBenchConfig:
     #                               controls, dominates (with 1 image the HTTP path does, see bench serving)
 
 
-def recovery_seconds(knobs: list[tuple[float, float]], baseline: float) -> float | None:
+def recovery_seconds(caps: list[tuple[float, float | None]], baseline: float) -> float | None:
     """Seconds into the phase from which every answer was served at ``baseline``; None if never."""
     at = None
-    for t, knob in knobs:
-        if abs(knob - baseline) > 1e-9:
+    for t, cap in caps:
+        if cap is None or abs(cap - baseline) > 1e-9:
             at = None
         elif at is None:
             at = t
@@ -49,11 +49,11 @@ def run(cfg: AutopilotBenchConfig) -> dict:
     from gating.model import GatedModel
     from gating.zoo import resolve_checkpoint
     from serving.app import model_name_for
+    from serving.autopilot import baseline_budget
     from serving.process import ServerProcess
 
     path = resolve_checkpoint(cfg.checkpoint)
-    policy = GatedModel.load(path).policy
-    baseline = policy.knob if policy.name == "budget" else 1.0
+    baseline = baseline_budget(GatedModel.load(path).policy)
     images = request_images(ServingBenchConfig(data=cfg.data))
     if cfg.images_per_request > 1:
         bodies = [v2_body(images, cfg.images_per_request, k, None) for k in range(len(images))]
@@ -72,16 +72,16 @@ def run(cfg: AutopilotBenchConfig) -> dict:
             url = server.url + route
             asyncio.run(closed_loop(url, bodies, cfg.low_concurrency, 3.0, {}, content_type=ctype))  # warm-up
             for name, concurrency, seconds in phases:
-                result = asyncio.run(closed_loop(url, bodies, concurrency, seconds, {}, knobs=True,
+                result = asyncio.run(closed_loop(url, bodies, concurrency, seconds, {}, caps=True,
                                                  content_type=ctype))
                 summary = summarise([result])
+                caps = [c for _, c in result["caps"] if c is not None]  # none: a fixed, uncapped rule
                 rows.append({"phase": name, "autopilot": autopilot, "concurrency": concurrency,
                              "p99_ms": summary["p99_ms"], "p50_ms": summary["p50_ms"],
                              "throughput_rps": summary["throughput_rps"], "errors": summary["errors"],
-                             "budget_mean": statistics.fmean(k for _, k in result["knobs"]) if result["knobs"]
-                             else None})
+                             "budget_mean": statistics.fmean(caps) if caps else None})
                 if autopilot and name == "low-again":
-                    recovery = recovery_seconds(result["knobs"], baseline)
+                    recovery = recovery_seconds(result["caps"], baseline)
     by = {(r["phase"], r["autopilot"]): r for r in rows}
     return {"benchmark": "autopilot", "checkpoint": cfg.checkpoint, "slo_ms": cfg.slo_p99_ms,
             "baseline_budget": baseline, "min_budget": cfg.min_budget, "phases": rows,

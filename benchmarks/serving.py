@@ -45,15 +45,15 @@ def request_images(cfg: ServingBenchConfig) -> list[bytes]:
 
 
 async def closed_loop(url: str, images: list[bytes], concurrency: int, seconds: float,
-                      params: dict, knobs: bool = False, content_type: str = "image/jpeg") -> dict:
-    """``concurrency`` clients, each one request in flight, for ``seconds``; with ``knobs``, also
-    the served policy knob of every answer as (seconds into the run, knob)."""
+                      params: dict, caps: bool = False, content_type: str = "image/jpeg") -> dict:
+    """``concurrency`` clients, each one request in flight, for ``seconds``; with ``caps``, also
+    the compute cap of every answer as (seconds into the run, cap or None)."""
     import json
 
     import aiohttp
 
     latencies: list[float] = []
-    served: list[tuple[float, float]] = []
+    served: list[tuple[float, float | None]] = []
     statuses: dict[int, int] = {}
     errors = 0
     stop_at = time.perf_counter() + seconds
@@ -71,8 +71,8 @@ async def closed_loop(url: str, images: list[bytes], concurrency: int, seconds: 
                     if r.status == 200:
                         now = time.perf_counter()
                         latencies.append(now - t0)
-                        if knobs:
-                            served.append((now - start, served_knob(json.loads(body))))
+                        if caps:
+                            served.append((now - start, served_cap(json.loads(body))))
                     else:
                         errors += 1
             except aiohttp.ClientError:
@@ -84,15 +84,18 @@ async def closed_loop(url: str, images: list[bytes], concurrency: int, seconds: 
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as s:
         await asyncio.gather(*(client(k, s) for k in range(concurrency)))
     elapsed = time.perf_counter() - start
-    return {"latencies": latencies, "errors": errors, "seconds": elapsed, "statuses": statuses, "knobs": served}
+    return {"latencies": latencies, "errors": errors, "seconds": elapsed, "statuses": statuses, "caps": served}
 
 
-def served_knob(answer: dict) -> float | None:
-    """The knob an answer was served with: /v1/predict names its policy, a v2 answer in its parameters."""
+def served_cap(answer: dict) -> float | None:
+    """The compute cap (budget) an answer was served under, None for an uncapped rule: /v1/predict
+    names its policy, a v2 answer in its parameters."""
     import json
 
     policy = answer["policy"] if "policy" in answer else json.loads(answer["parameters"]["policy"])
-    return policy["knob"]
+    if "cap" in policy:
+        return policy["cap"]
+    return {"budget": policy["knob"], "full": 1.0}.get(policy["name"])
 
 
 def v2_body(images: list[bytes], n: int, start: int, policy: str | None) -> bytes:

@@ -3,7 +3,8 @@
 Scores follow the patent's convention: G(x)_i high = unit i important. Every rule
 skips units in ascending score order, so the compute ``budget`` rule (skip the
 lowest-scored units until the image's backbone FLOPs fit ``budget * full``) is the
-per-image setting of greedy's k, or of threshold's alpha, that meets the budget.
+per-image setting of greedy's k, or of threshold's alpha, that meets the budget,
+and ``capped`` puts any rule under such a cap.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class Policy:
     name: ClassVar[str]
     online: ClassVar[bool]  # decides unit i from score i alone (usable inside one inline pass)
     needs_scores: ClassVar[bool] = True
+    cap: Optional[float] = None  # the most of the backbone's FLOPs any image runs, where the rule sets it
 
     def __init__(self, knob: Optional[float] = None):
         self.knob = knob
@@ -34,13 +36,18 @@ class Policy:
     def to_dict(self) -> dict:
         return {"name": self.name, "knob": self.knob}
 
+    @property
+    def key(self) -> tuple:
+        """Identity of the decisions: policies with equal keys decide alike (batches group on it)."""
+        return tuple(self.to_dict().items())
+
     def __repr__(self) -> str:
         return f"{self.name}({self.knob})" if self.knob is not None else self.name
 
 
 @POLICIES.register("full")
 class Full(Policy):
-    name, online, needs_scores = "full", True, False
+    name, online, needs_scores, cap = "full", True, False, 1.0
 
     def __init__(self, knob: Optional[float] = None):
         if knob is not None:
@@ -117,6 +124,7 @@ class Budget(Policy):
         if knob is None or not 0.0 < float(knob) <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {knob!r}")
         super().__init__(float(knob))
+        self.cap = self.knob
 
     def decide(self, scores, flops):
         scores = scores.detach().cpu()
@@ -127,6 +135,46 @@ class Budget(Policy):
         skip_sorted = saved_before < need - 1e-6  # still short of the target: skip this one too
         skip = torch.zeros_like(skip_sorted).scatter_(1, order, skip_sorted)
         return ~skip
+
+
+class Capped(Policy):
+    """A rule under a compute cap: the rule's decisions, then the budget rule's on top.
+
+    Both skip a prefix of the units in ascending score order, so together they skip the longer
+    prefix: the rule's path, trimmed of its lowest-scored units until it fits ``cap * full``. A cap
+    of 1 is the rule alone. Not a registered rule: the SLO autopilot serves a model's own rule this
+    way and lowers only the cap under load.
+    """
+
+    online = False
+
+    def __init__(self, rule: Policy, cap: float):
+        if isinstance(rule, (Capped, Budget, Full)):
+            raise ValueError(f"cap the rule itself, not {rule!r}: use capped()")
+        self.rule, self.budget = rule, Budget(cap)
+        self.name, self.cap = rule.name, self.budget.knob
+        super().__init__(rule.knob)
+
+    def decide(self, scores, flops):
+        return self.rule.decide(scores, flops) & self.budget.decide(scores, flops)
+
+    def to_dict(self) -> dict:
+        return {**self.rule.to_dict(), "cap": self.cap}
+
+    def __repr__(self) -> str:
+        return f"{self.rule!r} capped at {self.cap}"
+
+
+def capped(rule: Policy, budget: float) -> Policy:
+    """``rule`` with no image above ``budget`` of the backbone's FLOPs: the budget rule itself for
+    ``full`` and ``budget`` (a cap on a cap is the lower one), else ``Capped``."""
+    if isinstance(rule, Capped):
+        rule = rule.rule
+    if isinstance(rule, Full):
+        return Budget(budget)
+    if isinstance(rule, Budget):
+        return Budget(min(budget, rule.knob))
+    return Capped(rule, budget)
 
 
 def make_policy(name: str, knob: Optional[float] = None) -> Policy:

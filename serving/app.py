@@ -31,7 +31,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gating.policies import POLICIES, make_policy
-from serving.autopilot import Autopilot, AutopilotConfig
+from serving.autopilot import Autopilot
 from serving.images import Limits, RequestError, declared_size, decode_image_bytes
 from serving.model_process import ModelProcessError
 from serving.v2 import DATATYPES, parse_infer_request
@@ -271,20 +271,20 @@ class GatedModelServer:
             return None
         if self.engine.model.gate is None:
             raise ValueError("the SLO autopilot adjusts the compute budget, which needs a gated model")
-        policy = self.engine.default_policy
-        baseline = policy.knob if policy.name == "budget" else 1.0
-        self.engine.default_policy = make_policy("budget", baseline)
-        return Autopilot(AutopilotConfig(self.settings.slo_p99_ms, min(self.settings.min_budget, baseline), baseline))
+        pilot = Autopilot.for_rule(self.engine.default_policy, self.settings.slo_p99_ms, self.settings.min_budget)
+        self.engine.default_policy = pilot.policy
+        return pilot
 
     def _control_loop(self) -> None:
         """Every period: one autopilot decision (when on), and the budget gauge refreshed."""
         period = self.autopilot.cfg.interval_s if self.autopilot else 5.0
         while True:
             time.sleep(period)
-            if self.autopilot is not None:
-                budget = self.autopilot.step(self._queued)
-                if budget != self.engine.default_policy.knob:
-                    self.engine.default_policy = make_policy("budget", budget)
+            pilot = self.autopilot  # reconfigure() may replace it meanwhile
+            if pilot is not None:
+                pilot.step(self._queued)
+                if pilot.policy.key != self.engine.default_policy.key:
+                    self.engine.default_policy = pilot.policy
             self._export_budget()
 
     def _apply_batching(self, max_batch_size: int, batch_wait_ms: float) -> None:
@@ -293,8 +293,8 @@ class GatedModelServer:
         self._infer.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
     def _export_budget(self) -> None:
-        p = self.engine.default_policy
-        self.metrics.budget.set(p.knob if p.name == "budget" else 1.0 if p.name == "full" else math.nan)
+        cap = self.engine.default_policy.cap
+        self.metrics.budget.set(math.nan if cap is None else cap)
 
     # ------------------------------------------------------------------ inference
     # Two batches in flight: with the model in its own process, the next batch is already waiting

@@ -7,6 +7,10 @@ queue longer than ``max_queue`` images) it cuts the budget multiplicatively; com
 (the model's own budget) nor below the floor. Multiplicative decrease, additive increase: it
 sheds load fast and gives accuracy back carefully. Requests that name their own knob are left
 alone. Pure logic, no Ray: the replica feeds it and reads ``budget``.
+
+The budget is a cap on every image's FLOPs laid over the model's own rule (``capped``): a
+``budget`` model's baseline is its knob; a model served under another rule (threshold, say) keeps
+its own paths at the baseline of 1 and has its longest paths trimmed as the cap comes down.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
+
+from gating.policies import Full, Policy, capped
 
 
 @dataclass
@@ -38,17 +44,36 @@ class AutopilotConfig:
             raise ValueError(f"need 0 < min budget ({self.min_budget}) <= baseline ({self.baseline}) <= 1")
 
 
+def baseline_budget(rule: Policy) -> float:
+    """The cap served when there is no pressure: the rule's own (a ``budget`` model's knob), else 1,
+    which leaves the rule's paths as they are."""
+    return 1.0 if rule.cap is None else rule.cap
+
+
 def p99(latencies: list[float]) -> float:
     ordered = sorted(latencies)
     return ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
 
 
 class Autopilot:
-    def __init__(self, cfg: AutopilotConfig):
+    def __init__(self, cfg: AutopilotConfig, rule: Optional[Policy] = None):
         self.cfg = cfg
+        self.rule = rule or Full()  # the model's own rule, served capped at ``budget``
         self.budget = cfg.baseline
         self._latencies: list[tuple[float, float]] = []  # (monotonic time answered, latency s)
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_rule(cls, rule: Policy, slo_p99_ms: float, min_budget: float) -> "Autopilot":
+        """An autopilot over ``rule``, from its own cost (``baseline_budget``) down to ``min_budget``
+        (or the baseline, when that is lower)."""
+        baseline = baseline_budget(rule)
+        return cls(AutopilotConfig(slo_p99_ms, min(min_budget, baseline), baseline), rule)
+
+    @property
+    def policy(self) -> Policy:
+        """What requests that name no knob of their own are served with now."""
+        return capped(self.rule, self.budget)
 
     def observe(self, latency_s: float) -> None:
         """Record one answered request (called from the request path)."""

@@ -1,8 +1,9 @@
 """The replica's inference core, without Ray or HTTP: batches of requests in, per-image results out.
 
-A batch may mix requests with different knobs (``budget``, ``alpha``). Requests that share a
-policy are concatenated and run as one gated pass, in which every image still follows its own
-path through the executor; so a batch costs about the sum of its images' executed units.
+A batch may mix requests with different knobs (``budget``, ``alpha``, a cap). Requests that share a
+policy (equal ``Policy.key``) are concatenated and run as one gated pass, in which every image
+still follows its own path through the executor; so a batch costs about the sum of its images'
+executed units.
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ class Engine:
         results: list[Optional[Result]] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault((r.policy.name, r.policy.knob), []).append(i)
+            groups.setdefault(r.policy.key, []).append(i)
         for members in groups.values():
             x = torch.cat([requests[i].images for i in members])  # (sum N, 3, H, W)
             out = self.model(x, requests[members[0]].policy)

@@ -1,5 +1,6 @@
 """The SLO autopilot's control law, without a server."""
 import pytest
+import torch
 
 from serving.autopilot import Autopilot, AutopilotConfig
 
@@ -72,3 +73,36 @@ def test_old_latencies_expire(monkeypatch):
     assert held == 0.25
     clock[0] += 3.0  # the overload's answers are now older than the horizon
     assert run(pilot, 40, 1) > held
+
+
+@pytest.mark.parametrize("name,knob,baseline", [("budget", 0.6, 0.6), ("threshold", -1.0, 1.0), ("full", None, 1.0)])
+def test_the_autopilot_serves_the_models_own_rule_capped_at_the_budget(name, knob, baseline):
+    # regression: a threshold model was served under the budget rule at 1.0 when there was no
+    # pressure, i.e. the full backbone at twice its own cost
+    from gating.policies import make_policy
+    from tests.test_policies import PROFILE, SCORES
+
+    rule = make_policy(name, knob)
+    pilot = Autopilot.for_rule(rule, slo_p99_ms=100, min_budget=0.3)
+    assert pilot.cfg.baseline == baseline and pilot.cfg.min_budget == 0.3
+    at_ease = pilot.policy.decide(SCORES, PROFILE)
+    assert torch.equal(at_ease, rule.decide(SCORES, PROFILE))  # the model's own paths
+    run(pilot, 150, 20)  # overload: the cap comes down to the floor
+    assert pilot.policy.cap == 0.3
+    loaded = pilot.policy.decide(SCORES, PROFILE)
+    assert not (loaded & ~at_ease).any()  # only ever fewer units than its own paths
+    assert (PROFILE.executed(loaded) <= max(0.3 * PROFILE.full, PROFILE.minimum) + 1e-9).all()
+
+
+def test_the_autopilot_bench_reads_the_cap_each_answer_was_served_under():
+    import json
+
+    from benchmarks.autopilot import recovery_seconds
+    from benchmarks.serving import served_cap
+
+    v1 = {"policy": {"name": "threshold", "knob": -0.004, "cap": 0.55}}
+    v2 = {"parameters": {"policy": json.dumps({"name": "budget", "knob": 0.6})}}
+    uncapped = {"policy": {"name": "threshold", "knob": -0.004}}
+    assert [served_cap(a) for a in (v1, v2, uncapped)] == [0.55, 0.6, None]
+    assert served_cap({"policy": {"name": "full", "knob": None}}) == 1.0
+    assert recovery_seconds([(0.5, 0.4), (1.0, 1.0), (1.5, None), (2.0, 1.0), (2.5, 1.0)], 1.0) == 2.0

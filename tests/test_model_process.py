@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from gating.policies import make_policy
+from gating.policies import capped, make_policy
 from serving.engine import Engine, Request
 from serving.model_process import ModelProcessError, ProcessEngine
 
@@ -29,6 +29,20 @@ def test_same_answers_as_the_engine_in_this_process(engines):
     for ours, theirs in zip(remote.run(requests), local.run(requests)):
         assert torch.equal(ours.probabilities, theirs.probabilities)
         assert torch.equal(ours.keep, theirs.keep) and torch.equal(ours.flops, theirs.flops)
+
+
+def test_a_capped_rule_runs_as_its_own_group_here_and_in_the_child(engines):
+    remote, local = engines
+    x = _batch(3, 8)
+    alpha = (-local.model.gate(x)).median().item()  # about half the units open, more for some images
+    rule = make_policy("threshold", alpha)
+    cap = capped(rule, 0.4)
+    own, trimmed, budget = local.run([Request(x, rule), Request(x, cap), Request(x, make_policy("budget", 0.4))])
+    assert torch.equal(trimmed.keep, own.keep & budget.keep)
+    assert not torch.equal(trimmed.keep, own.keep)  # the cap binds on some image, so the groups differ
+    theirs = remote.run([Request(x, rule), Request(x, cap)])
+    assert torch.equal(theirs[0].keep, own.keep) and torch.equal(theirs[1].keep, trimmed.keep)
+    assert torch.equal(theirs[1].probabilities, trimmed.probabilities)
 
 
 def test_concurrent_callers_each_get_their_own_answers(engines):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gating.flops import FlopsProfile
-from gating.policies import POLICIES, make_policy
+from gating.policies import POLICIES, capped, make_policy
 
 PROFILE = FlopsProfile(stem=10, head=2, unit_run=(100, 100, 200, 50), unit_skip=(0, 0, 20, 0))
 SCORES = torch.tensor([[3.0, -1.0, 0.5, -2.0],
@@ -58,3 +58,46 @@ def test_budget_caps_backbone_flops_and_skips_least_important_first(budget):
 def test_unknown_policy_names_the_known():
     with pytest.raises(KeyError, match="known: budget, full, greedy, softmax, threshold"):
         make_policy("random")
+
+
+CAPPABLE = [n for n in POLICIES.names() if n not in ("full", "budget")]
+
+
+@pytest.mark.parametrize("name", CAPPABLE)
+@pytest.mark.parametrize("cap", [0.3, 0.6, 1.0])
+def test_a_capped_rule_trims_its_own_paths_to_the_cap(name, cap):
+    knob = {"greedy": 1, "threshold": -1.0, "softmax": 0.3}[name]  # each keeps more than 0.3 somewhere
+    rule = make_policy(name, knob)
+    keep = capped(rule, cap).decide(SCORES, PROFILE)
+    own = rule.decide(SCORES, PROFILE)
+    assert torch.equal(keep, own & make_policy("budget", cap).decide(SCORES, PROFILE))
+    assert not (keep & ~own).any()  # never a unit the rule itself skips
+    flops = PROFILE.executed(keep)
+    assert (flops <= max(cap * PROFILE.full, PROFILE.minimum) + 1e-9).all()
+    for row, k in zip(SCORES, keep):  # what it trims is the lowest-scored of the rule's path
+        if (~k).any() and k.any():
+            assert row[~k].max() <= row[k].min()
+    if cap == 1.0:
+        assert torch.equal(keep, own)
+    elif cap == 0.3:
+        assert not torch.equal(keep, own)  # the cap binds
+
+
+def test_capping_full_or_budget_is_the_budget_rule_and_a_cap_on_a_cap_is_the_rule_under_the_new_one():
+    assert capped(make_policy("full"), 0.7).to_dict() == {"name": "budget", "knob": 0.7}
+    assert capped(make_policy("budget", 0.6), 0.8).knob == 0.6
+    assert capped(make_policy("budget", 0.6), 0.4).knob == 0.4
+    rule = make_policy("threshold", -1.0)
+    twice = capped(capped(rule, 0.3), 0.8)
+    assert twice.rule is rule and twice.cap == 0.8
+    with pytest.raises(ValueError, match="budget must be in"):
+        capped(rule, 0.0)
+
+
+def test_policy_keys_tell_capped_rules_apart():
+    rule = make_policy("threshold", -1.0)
+    keys = {rule.key, capped(rule, 0.5).key, capped(rule, 0.6).key, make_policy("budget", 0.5).key}
+    assert len(keys) == 4
+    assert capped(rule, 0.5).key == capped(make_policy("threshold", -1.0), 0.5).key
+    assert capped(rule, 0.5).to_dict() == {"name": "threshold", "knob": -1.0, "cap": 0.5}
+    assert (make_policy("full").cap, make_policy("budget", 0.5).cap, rule.cap) == (1.0, 0.5, None)
