@@ -27,7 +27,7 @@ class Report:
     compute_saved_window: Optional[float] = None  # over the rate window; None when idle
     requests_per_s: float = 0.0
     p99_ms: Optional[float] = None  # over the rate window
-    budget: Optional[float] = None  # the serving budget now (autopilot), fraction of full FLOPs
+    budget: Optional[float] = None  # the per-image FLOPs cap served now (budget rule, autopilot), of full FLOPs
     per_unit_skip_rate: list[float] = field(default_factory=list)  # since start, unit 0 first
 
 
@@ -99,7 +99,7 @@ def report_from_scrapes(first: dict, second: dict, seconds: float, source: str) 
         _by(first, "skipserve_request_latency_seconds_bucket", "le")
     p99 = quantile_from_buckets({le: c - b1.get(le, 0.0) for le, c in b2.items()}, 0.99)
     r.p99_ms = None if p99 is None else p99 * 1e3
-    budgets = [v for (n, _), v in second.items() if n == "skipserve_budget"]
+    budgets = [v for (n, _), v in second.items() if n == "skipserve_budget" and not math.isnan(v)]  # NaN: uncapped
     r.budget = sum(budgets) / len(budgets) if budgets else None
     units = _by(second, "skipserve_unit_executed_total", "unit")
     if r.images:

@@ -49,3 +49,10 @@ def test_idle_server_reports_no_savings_rather_than_nan():
     assert r.compute_saved is None and r.compute_saved_window is None and r.p99_ms is None
     assert not any(isinstance(v, float) and math.isnan(v) for v in vars(r).values())
     assert "no images served yet" in render(r)
+
+
+def test_a_rule_without_a_cap_shows_no_budget():
+    # a threshold model served without the autopilot exports a NaN budget gauge
+    first, second = (snap(n, 600 * n, 1000 * n, [n, n], n, {"+Inf": n}, budget=math.nan) for n in (10, 20))
+    r = report_from_scrapes(first, second, seconds=1.0, source="test")
+    assert r.budget is None and "budget" not in render(r)
