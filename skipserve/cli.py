@@ -100,8 +100,17 @@ def _eval(args: argparse.Namespace) -> int:
     from training.data import load_image_folder
     from training.evaluate import evaluate_gated
 
+    from gating.policies import capped, make_policy
+
     policy = _policy_from(args)  # a bad knob fails before any loading
+    if args.cap is not None:
+        if args.budget is not None:
+            raise ValueError("--budget already caps every image; --cap caps another rule (the checkpoint's, "
+                             "or --policy/--alpha)")
+        make_policy("budget", args.cap)  # the same range as a budget, checked now
     model = _load_model(args.checkpoint)
+    if args.cap is not None:
+        policy = capped(policy or model.policy, args.cap)
     data = load_image_folder(args.data)
     if data.classes != model.card.class_names:
         raise ValueError(f"{args.data}: classes {data.classes} differ from the model's {model.card.class_names}")
@@ -480,6 +489,8 @@ def _add_stages(sub: argparse._SubParsersAction) -> None:
                    help="all images, or the model's own train/val split of them (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_policy(p)
+    p.add_argument("--cap", type=float, help="trim the rule's paths to at most this fraction of backbone FLOPs "
+                   "per image, in (0, 1]: what the SLO autopilot serves at that budget")
     p.set_defaults(func=_eval)
 
 

@@ -40,6 +40,12 @@ def test_train_label_gate_finetune_eval(image_dir, tmp_path):
     full = json.loads(skipserve("eval", "--checkpoint", tmp_path / "final.safetensors", "--data", image_dir,
                                 "--split", "val", "--json", "--policy", "full", env_cache=cache).stdout)
     assert full["flops_ratio"] == 1.0 and full["top1"] == full["top1_full"] == result["top1_full"]
+    # --cap: the threshold rule's paths (every unit at this alpha) trimmed to half the FLOPs
+    capped = json.loads(skipserve("eval", "--checkpoint", tmp_path / "final.safetensors", "--data", image_dir,
+                                  "--split", "val", "--json", "--policy", "threshold", "--alpha=1e9", "--cap", "0.5",
+                                  env_cache=cache).stdout)
+    assert capped["policy"] == {"name": "threshold", "knob": 1e9, "cap": 0.5}
+    assert capped["flops_ratio"] <= 0.5 + capped["gate_flops_ratio"] + 1e-9 and capped["top1_full"] == full["top1"]
     # a second round by hand: labels on the paths the finetuned model runs
     skipserve("label", "--checkpoint", tmp_path / "final.safetensors", "--on-paths", "--out", tmp_path / "l2.safetensors",
               *common, env_cache=cache)
@@ -97,6 +103,12 @@ def test_stage_commands_fail_clearly_on_bad_input(image_dir, tmp_path):
     out = skipserve("eval", "--data", image_dir, "--budget", "1.5", "--checkpoint", tmp_path / "none",
                     env_cache=cache, check=False)
     assert out.returncode == 2 and "budget must be in (0, 1], got 1.5" in out.stderr
+    out = skipserve("eval", "--data", image_dir, "--cap", "0", "--checkpoint", tmp_path / "none",
+                    env_cache=cache, check=False)
+    assert out.returncode == 2 and "budget must be in (0, 1], got 0.0" in out.stderr
+    out = skipserve("eval", "--data", image_dir, "--budget", "0.5", "--cap", "0.5", "--checkpoint", tmp_path / "none",
+                    env_cache=cache, check=False)
+    assert out.returncode == 2 and "--budget already caps every image" in out.stderr
     out = skipserve("pipeline", "--config", tmp_path / "missing.yaml", env_cache=cache, check=False)
     assert out.returncode == 2 and "no such recipe file" in out.stderr
 
