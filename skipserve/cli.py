@@ -97,10 +97,9 @@ def _split_of(data, args: argparse.Namespace, model):
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from gating.policies import capped, make_policy
     from training.data import load_image_folder
     from training.evaluate import evaluate_gated
-
-    from gating.policies import capped, make_policy
 
     policy = _policy_from(args)  # a bad knob fails before any loading
     if args.cap is not None:
