@@ -92,10 +92,12 @@ def served_cap(answer: dict) -> float | None:
     names its policy, a v2 answer in its parameters."""
     import json
 
+    from gating.policies import make_policy
+
     policy = answer["policy"] if "policy" in answer else json.loads(answer["parameters"]["policy"])
     if "cap" in policy:
         return policy["cap"]
-    return {"budget": policy["knob"], "full": 1.0}.get(policy["name"])
+    return make_policy(policy["name"], policy["knob"]).cap
 
 
 def v2_body(images: list[bytes], n: int, start: int, policy: str | None) -> bytes:

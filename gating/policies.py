@@ -124,7 +124,10 @@ class Budget(Policy):
         if knob is None or not 0.0 < float(knob) <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {knob!r}")
         super().__init__(float(knob))
-        self.cap = self.knob
+
+    @property
+    def cap(self) -> float:
+        return self.knob
 
     def decide(self, scores, flops):
         scores = scores.detach().cpu()
@@ -152,8 +155,12 @@ class Capped(Policy):
         if isinstance(rule, (Capped, Budget, Full)):
             raise ValueError(f"cap the rule itself, not {rule!r}: use capped()")
         self.rule, self.budget = rule, Budget(cap)
-        self.name, self.cap = rule.name, self.budget.knob
+        self.name = rule.name
         super().__init__(rule.knob)
+
+    @property
+    def cap(self) -> float:
+        return self.budget.knob
 
     def decide(self, scores, flops):
         return self.rule.decide(scores, flops) & self.budget.decide(scores, flops)

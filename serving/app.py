@@ -283,8 +283,9 @@ class GatedModelServer:
             pilot = self.autopilot  # reconfigure() may replace it meanwhile
             if pilot is not None:
                 pilot.step(self._queued)
-                if pilot.policy.key != self.engine.default_policy.key:
-                    self.engine.default_policy = pilot.policy
+                served = pilot.policy
+                if served.key != self.engine.default_policy.key:
+                    self.engine.default_policy = served
             self._export_budget()
 
     def _apply_batching(self, max_batch_size: int, batch_wait_ms: float) -> None:
