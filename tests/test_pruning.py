@@ -241,6 +241,9 @@ def test_knapsack_is_optimal_against_brute_force():
     assert sum(flops[i][j] for i, j in enumerate(pick)) <= budget
     assert sum(costs[i][j] for i, j in enumerate(pick)) == pytest.approx(best[0])
     assert _knapsack(costs, [[9.0] * 3] * 5, budget) is None
+    # a network no unit matters to (every cost 0): keep as much as the budget allows, do not over-prune
+    flat = _knapsack([[0.0] * 3] * 5, flops, budget)
+    assert sum(flops[i][j] for i, j in enumerate(flat)) > budget - 1.0
 
 
 def test_uniform_allocation_counts():
@@ -342,6 +345,22 @@ def test_magnitude_sparsity_and_csr_round_trip():
             a, n = int((layer.weight != 0).sum()), layer.weight.shape[0]
             assert csr.numbers == 2 * a + n + 1
     assert result["csr_numbers"] < result["dense_numbers"]
+
+
+def test_magnitude_pruning_again_keeps_earlier_zeros_and_meets_its_target():
+    """Iterative pruning holds every zero: a second step must build on them, not re-allocate
+    from scratch (which left layers sparser than planned and the total over target)."""
+    backbone = make_backbone("resnet20")
+    y = torch.randint(0, 10, (32,))
+    first = magnitude_prune(backbone, 0.3, SAMPLE, y)
+    layers = dict(backbone.named_modules())
+    layers["units.4.conv1"].weight.data[:, :8] = 0  # half a layer gone, as an earlier step may leave it
+    held = {n: layers[n].weight == 0 for n in first["csr"]}
+    second = magnitude_prune(backbone, 0.6, SAMPLE, y)
+    assert second["sparsity"] == pytest.approx(0.6, abs=0.01)
+    for name, zero in held.items():
+        assert (layers[name].weight[zero] == 0).all()
+        assert second["layer_sparsity"][name] >= float(zero.float().mean()) - 1e-9
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, 1.5])

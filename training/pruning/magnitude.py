@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -44,16 +45,24 @@ def sensitivity(backbone: ResidualBackbone, x: torch.Tensor, y: torch.Tensor, pr
     return out
 
 
-def allocate(sizes: dict[str, int], sens: dict[str, float], target: float) -> dict[str, float]:
-    """Per-layer sparsity meeting ``target`` over all weights, lower where the loss is more sensitive."""
+def allocate(sizes: dict[str, int], sens: dict[str, float], target: float,
+             floor: Optional[dict[str, float]] = None) -> dict[str, float]:
+    """Per-layer sparsity meeting ``target`` over all weights, lower where the loss is more sensitive,
+    and never below ``floor`` (the share a layer has already lost: iterative pruning holds those
+    zeros, so allocating less would leave the layer, and the total, sparser than planned)."""
+    floor = floor or {}
     eps = 1e-6 + 1e-3 * max(sens.values(), default=0.0)
     weights = {n: 1.0 / (sens[n] + eps) ** 0.5 for n in sizes}
+
+    def share(n: str, c: float) -> float:
+        return max(floor.get(n, 0.0), min(0.98, c * weights[n]))
+
     lo, hi = 0.0, 10.0 / min(weights.values())
     for _ in range(60):  # bisection on a common scale factor
         c = (lo + hi) / 2
-        total = sum(min(0.98, c * weights[n]) * sizes[n] for n in sizes)
+        total = sum(share(n, c) * sizes[n] for n in sizes)
         lo, hi = (c, hi) if total < target * sum(sizes.values()) else (lo, c)
-    return {n: min(0.98, hi * weights[n]) for n in sizes}
+    return {n: share(n, hi) for n in sizes}
 
 
 @dataclass
@@ -88,7 +97,8 @@ def magnitude_prune(backbone: ResidualBackbone, target: float, x: torch.Tensor, 
     if not 0.0 < target < 1.0:
         raise ValueError(f"sparsity target must be in (0, 1), got {target}")
     layers = prunable_layers(backbone)
-    sparsity = allocate({n: m.weight.numel() for n, m in layers.items()}, sensitivity(backbone, x, y), target)
+    zeros = {n: float((m.weight == 0).float().mean()) for n, m in layers.items()}  # held by earlier steps
+    sparsity = allocate({n: m.weight.numel() for n, m in layers.items()}, sensitivity(backbone, x, y), target, zeros)
     masks, csr = {}, {}
     for name, layer in layers.items():
         masks[name] = magnitude_mask(layer.weight, sparsity[name])

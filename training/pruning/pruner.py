@@ -183,7 +183,8 @@ def _output_change(backbone: ResidualBackbone, i: int, keep: torch.Tensor, x: to
     for later in backbone.units[i + 1:]:
         out = later(out)
     logp = F.log_softmax(backbone.head(out).float(), 1)
-    return float(F.kl_div(logp, reference, log_target=True, reduction="batchmean"))
+    # KL is >= 0; rounding can make a harmless change -1e-16, which the knapsack would take for a gain
+    return max(0.0, float(F.kl_div(logp, reference, log_target=True, reduction="batchmean")))
 
 
 def _knapsack(costs: list[list[float]], flops: list[list[float]], budget: float,
@@ -202,4 +203,5 @@ def _knapsack(costs: list[list[float]], flops: list[list[float]], budget: float,
                 if total <= grid and (total not in nxt or cost + c < nxt[total][0]):
                     nxt[total] = (cost + c, picked + [j])
         best = nxt
-    return min(best.values(), key=lambda v: v[0])[1] if best else None
+    # among picks of equal cost, the one that keeps the most FLOPs: pruning past the target is never asked for
+    return min(best.items(), key=lambda kv: (kv[1][0], -kv[0]))[1][1] if best else None
