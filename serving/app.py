@@ -18,9 +18,10 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from fastapi import FastAPI, Query, Request as HTTPRequest
@@ -237,6 +238,8 @@ class GatedModelServer:
         self._pool = ThreadPoolExecutor(max_workers=2 if self.settings.model_process else 1,
                                         thread_name_prefix="skipserve-model")
         self._queued = 0  # images accepted and not yet answered
+        self._reading = 0.0  # images expected in the requests whose bodies are still being read
+        self._images_per_v2_request = 1.0  # running mean: what a v2 request still being read counts as
         self._apply_batching(self.settings.max_batch_size, self.settings.batch_wait_ms)
         self.autopilot = self._make_autopilot()
         self._export_budget()
@@ -329,12 +332,26 @@ class GatedModelServer:
         return Result(*(torch.cat([getattr(p, f) for p in parts]) for f in
                         ("probabilities", "units_executed", "keep", "flops")))
 
-    def _admit(self, n: int = 1) -> None:
-        """503 when ``n`` more images would overflow this replica's queue. Checked again before the
-        body is read, so that an overloaded replica spends nothing on requests it will refuse."""
-        if self._queued + n > self.settings.max_queued_images:
-            raise RequestError(f"overloaded: {self._queued} images queued in this replica (limit "
-                               f"{self.settings.max_queued_images}); retry later", status=503)
+    def _admit(self, n: float = 1) -> None:
+        """503 when ``n`` more images would overflow this replica's queue, counting those expected
+        in the requests still being read."""
+        if self._queued + self._reading + n > self.settings.max_queued_images:
+            raise RequestError(f"overloaded: {self._queued} images queued and about {self._reading:.0f} in "
+                               f"requests being read in this replica (limit {self.settings.max_queued_images}); "
+                               f"retry later", status=503)
+
+    @contextmanager
+    def _reading_body(self, expected: float = 1.0) -> Iterator[None]:
+        """Admit a request before its body is read, counting it as ``expected`` images, so that an
+        overloaded replica spends nothing on requests it will refuse; ``infer`` admits it again with
+        its real image count. Capped at the limit, so that an idle replica always reads one."""
+        expected = min(expected, self.settings.max_queued_images)
+        self._admit(expected)
+        self._reading += expected
+        try:
+            yield
+        finally:
+            self._reading -= expected
 
     async def _decode(self, data: bytes) -> torch.Tensor:
         """Small images decode on the event loop (a thread hop costs more); large ones off it."""
@@ -358,6 +375,8 @@ class GatedModelServer:
             logger.exception("skipserve: %s failed", route)
             response = _error(500, "internal error")
         seconds = time.perf_counter() - t0
+        # the replica's own time, so a client can tell it from the proxy's and the network's
+        response.headers["Server-Timing"] = f"app;dur={seconds * 1000:.3f}"
         self.metrics.request(route, response.status_code, seconds)
         if self.autopilot is not None and response.status_code == 200:
             self.autopilot.observe(seconds)
@@ -374,10 +393,10 @@ class GatedModelServer:
                       alpha: Optional[float] = Query(None, description="the rule's knob")) -> JSONResponse:
         async def handle(t0: float) -> JSONResponse:
             rule = self.engine.policy_for(budget=budget, policy=policy and policy.value, alpha=alpha)
-            self._admit()
-            body = await read_body(request, self.settings.limits.max_body_bytes)
-            data = await image_from_request(request, body)
-            pixels = await self._decode(data)
+            with self._reading_body():
+                body = await read_body(request, self.settings.limits.max_body_bytes)
+                data = await image_from_request(request, body)
+                pixels = await self._decode(data)
             out = await self.infer(self.engine.pixels_to_input(pixels[None]), rule)
             probs = out.probabilities[0]
             k = min(top_k, probs.numel())
@@ -439,15 +458,16 @@ class GatedModelServer:
     async def v2_infer(self, name: str, request: HTTPRequest) -> JSONResponse:
         async def handle(t0: float) -> JSONResponse:
             self._check_model(name)
-            self._admit()
-            body = await read_body(request, self.settings.limits.max_body_bytes)
-            try:
-                payload = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise RequestError(f"malformed JSON: {err}") from None
-            parsed = await asyncio.to_thread(parse_infer_request, payload, limits=self.settings.limits,
-                                             size=self.engine.input_size, mean=self.engine.mean,
-                                             std=self.engine.std)
+            with self._reading_body(self._images_per_v2_request):
+                body = await read_body(request, self.settings.limits.max_body_bytes)
+                try:
+                    payload = json.loads(body)
+                except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                    raise RequestError(f"malformed JSON: {err}") from None
+                parsed = await asyncio.to_thread(parse_infer_request, payload, limits=self.settings.limits,
+                                                 size=self.engine.input_size, mean=self.engine.mean,
+                                                 std=self.engine.std)
+            self._images_per_v2_request += 0.2 * (parsed.images.shape[0] - self._images_per_v2_request)
             wanted = _requested_outputs(payload)
             rule = self.engine.policy_for(budget=parsed.budget, policy=parsed.policy, alpha=parsed.alpha)
             out = await self.infer(parsed.images, rule)

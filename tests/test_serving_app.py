@@ -9,6 +9,7 @@ import struct
 import time
 import zlib
 from pathlib import Path
+from types import MethodType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -61,6 +62,8 @@ def test_predictions_equal_skipserve_eval(server, checkpoint, image_dir, capsys)
         units.append(body["units_executed"])
         flops.append(body["flops_ratio"])
         assert body["model"] == "tiny" and len(body["scores"]) == len(CLASSES)
+        name, dur = r.headers["Server-Timing"].split(";")  # the replica's time, measured after latency_ms
+        assert name == "app" and float(dur.removeprefix("dur=")) >= body["latency_ms"] > 0
     assert len(units) == expected["n_images"]
     assert correct / len(units) == expected["top1"]
     assert np.mean(units) == pytest.approx(expected["units_executed_mean"], abs=1e-9)
@@ -211,6 +214,8 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(server, image_di
     r = httpx.post(server.url + route, timeout=60, **kwargs)
     assert r.status_code == status, (what, r.status_code, r.text)
     assert isinstance(r.json().get("error"), str) and r.json()["error"], r.text
+    if what not in ("negative budget", "unknown policy"):  # query validation answers before the handler
+        assert r.headers["Server-Timing"].startswith("app;dur="), r.headers  # errors are timed too
     assert httpx.post(server.url + "/v1/predict", content=good, timeout=60).status_code == 200
 
 
@@ -308,3 +313,25 @@ def test_prometheus_scrapes_the_server_and_monitor_shows_the_same_savings(server
     finally:
         prom.terminate()
         prom.wait(30)
+
+
+def test_admission_counts_the_images_of_requests_still_being_read():
+    """A replica refuses before reading a body when the requests it is already reading would fill
+    its queue, so that refusing costs it nothing; an idle replica reads one request, however large."""
+    from serving.app import GatedModelServer, ServerSettings
+    from serving.images import RequestError
+
+    cls = GatedModelServer.func_or_class  # admission only: no model, no Ray
+    replica = SimpleNamespace(settings=ServerSettings(max_queued_images=64), _queued=16, _reading=0.0)
+    replica._admit, replica._reading_body = MethodType(cls._admit, replica), MethodType(cls._reading_body, replica)
+    with replica._reading_body(16), replica._reading_body(16):
+        with pytest.raises(RequestError, match="overloaded") as refused:
+            with replica._reading_body(17):
+                pass
+        assert refused.value.status == 503
+        with replica._reading_body(16):  # 16 queued + 3 x 16 being read = the limit
+            assert replica._reading == 48
+    assert replica._reading == 0
+    replica._queued = 0
+    with replica._reading_body(1000):  # a mean above the limit still lets an idle replica read
+        assert replica._reading == 64

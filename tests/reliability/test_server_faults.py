@@ -17,12 +17,13 @@ def test_server_survives_bad_input_overload_and_a_killed_replica(gated_checkpoin
     overload = result["overload"]["status_counts"]
     assert overload.get("503", 0) > 0 and overload.get("200", 0) > 0, overload
     assert set(overload) <= {"200", "503"}, overload
-    # a rejection comes before the work it refuses: measured against requests served in the same storm, not
-    # in milliseconds, since client and server share the machine's 2 cores (on a 2-core AMD EPYC VM without
-    # AVX-512: rejected p50 615 ms, p99 1494 ms, served p50 2251 ms; on the 2-core Xeon, rejected p99 < 1 s)
+    # a rejection comes before the work it refuses: in the replica's own time (Server-Timing), and end to
+    # end, where the proxy's time counts too and client, proxy and model share the 2 cores. On the 2-core
+    # AMD EPYC VM, replica: rejected p99 0.5 ms, served p50 1416 ms; end to end: rejected p50 350 ms, served
+    # p50 1684 ms. Before requests being read were counted, CI saw rejected p50 1090 ms against 2063 ms.
     storm = result["overload"]
-    assert storm["rejected_p50_ms"] < 0.5 * storm["served_p50_ms"], storm
-    assert storm["rejected_p99_ms"] < storm["served_p50_ms"], storm
+    assert storm["rejected_server_p99_ms"] < 0.1 * storm["served_server_p50_ms"], storm
+    assert storm["rejected_p50_ms"] < storm["served_p50_ms"], storm
     fuzz = result["schemathesis"]
     assert fuzz["exit_code"] == 0 and fuzz["failures"] == [] and "generated" in fuzz["test_cases"], fuzz
     memory = result["memory_mb"]
