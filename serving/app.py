@@ -238,7 +238,7 @@ class GatedModelServer:
         self._pool = ThreadPoolExecutor(max_workers=2 if self.settings.model_process else 1,
                                         thread_name_prefix="skipserve-model")
         self._queued = 0  # images accepted and not yet answered
-        self._reading = 0.0  # images expected in the requests whose bodies are still being read
+        self._reading = 0  # images expected in the requests whose bodies are still being read
         self._images_per_v2_request = 1.0  # running mean: what a v2 request still being read counts as
         self._apply_batching(self.settings.max_batch_size, self.settings.batch_wait_ms)
         self.autopilot = self._make_autopilot()
@@ -332,16 +332,16 @@ class GatedModelServer:
         return Result(*(torch.cat([getattr(p, f) for p in parts]) for f in
                         ("probabilities", "units_executed", "keep", "flops")))
 
-    def _admit(self, n: float = 1) -> None:
+    def _admit(self, n: int = 1) -> None:
         """503 when ``n`` more images would overflow this replica's queue, counting those expected
         in the requests still being read."""
         if self._queued + self._reading + n > self.settings.max_queued_images:
-            raise RequestError(f"overloaded: {self._queued} images queued and about {self._reading:.0f} in "
+            raise RequestError(f"overloaded: {self._queued} images queued and about {self._reading} in "
                                f"requests being read in this replica (limit {self.settings.max_queued_images}); "
                                f"retry later", status=503)
 
     @contextmanager
-    def _reading_body(self, expected: float = 1.0) -> Iterator[None]:
+    def _reading_body(self, expected: int = 1) -> Iterator[None]:
         """Admit a request before its body is read, counting it as ``expected`` images, so that an
         overloaded replica spends nothing on requests it will refuse; ``infer`` admits it again with
         its real image count. Capped at the limit, so that an idle replica always reads one."""
@@ -458,7 +458,7 @@ class GatedModelServer:
     async def v2_infer(self, name: str, request: HTTPRequest) -> JSONResponse:
         async def handle(t0: float) -> JSONResponse:
             self._check_model(name)
-            with self._reading_body(self._images_per_v2_request):
+            with self._reading_body(max(1, round(self._images_per_v2_request))):
                 body = await read_body(request, self.settings.limits.max_body_bytes)
                 try:
                     payload = json.loads(body)
