@@ -333,12 +333,9 @@ async def _overload(url: str, body: bytes, cfg: ReliabilityBenchConfig) -> dict:
     import aiohttp
 
     statuses: Counter = Counter()
-    rejected_ms: list[float] = []
-    served_ms: list[float] = []
-    # the replica's own time (Server-Timing); the client's adds the proxy's, which on a small
-    # machine shares its cores with the client, the replica and the model
-    rejected_server_ms: list[float] = []
-    served_server_ms: list[float] = []
+    # status -> (client's ms, replica's own ms from Server-Timing); the client's adds the proxy's,
+    # which on a small machine shares its cores with the client, the replica and the model
+    times: dict[int, tuple[list[float], list[float]]] = {200: ([], []), 503: ([], [])}
     stop_at = time.perf_counter() + cfg.overload_s
 
     async def client(session):
@@ -347,12 +344,12 @@ async def _overload(url: str, body: bytes, cfg: ReliabilityBenchConfig) -> dict:
             async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
                 await r.read()
                 statuses[r.status] += 1
-                elapsed = (time.perf_counter() - t0) * 1e3
-                server = _server_timing_ms(r.headers.get("Server-Timing", ""))
-                if r.status in (200, 503):
-                    (served_ms if r.status == 200 else rejected_ms).append(elapsed)
+                if r.status in times:
+                    client_ms, server_ms = times[r.status]
+                    client_ms.append((time.perf_counter() - t0) * 1e3)
+                    server = _server_timing_ms(r.headers.get("Server-Timing", ""))
                     if server is not None:
-                        (served_server_ms if r.status == 200 else rejected_server_ms).append(server)
+                        server_ms.append(server)
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120),
                                      connector=aiohttp.TCPConnector(limit=cfg.overload_concurrency)) as s:
@@ -361,6 +358,7 @@ async def _overload(url: str, body: bytes, cfg: ReliabilityBenchConfig) -> dict:
     def quantile(values: list[float], q: float) -> Optional[float]:
         return sorted(values)[int(q * (len(values) - 1))] if values else None
 
+    (served_ms, served_server_ms), (rejected_ms, rejected_server_ms) = times[200], times[503]
     return {"status_counts": {str(k): v for k, v in sorted(statuses.items())},
             "rejected_p50_ms": quantile(rejected_ms, 0.5), "rejected_p99_ms": quantile(rejected_ms, 0.99),
             "served_p50_ms": quantile(served_ms, 0.5),
