@@ -186,3 +186,40 @@ def capped(rule: Policy, budget: float) -> Policy:
 
 def make_policy(name: str, knob: Optional[float] = None) -> Policy:
     return POLICIES.get(name)(knob)
+
+
+def knob_for_flops(name: str, scores: torch.Tensor, flops: FlopsProfile, ratio: float, *,
+                   gate_flops: int = 0) -> float:
+    """The knob of rule ``name`` (threshold or softmax) under which images scored ``scores`` (N, n)
+    execute on average at most ``ratio`` of the backbone's full FLOPs, gate counted, and as close to it
+    as these scores allow.
+
+    A threshold's alpha means nothing across gates (each gate has its own scale), so a recipe that
+    wants the same compute from every round's gate asks for a FLOPs ratio and sets alpha from it.
+    Both rules keep unit i when a value v(x, i) <= alpha (threshold: -G(x)_i; softmax:
+    softmax(-G(x))_i), so mean FLOPs grow with alpha one kept (x, i) at a time: sort the values and
+    stop where the FLOPs run out. The knob returned sits halfway to the next value.
+    """
+    if name not in ("threshold", "softmax"):
+        raise ValueError(f"a knob for a FLOPs ratio is set for the threshold and softmax rules, not {name!r}")
+    if scores.dim() != 2 or scores.shape[1] != flops.num_units or scores.shape[0] == 0:
+        raise ValueError(f"scores must be (images, {flops.num_units}) for this backbone, got {tuple(scores.shape)}")
+    scores = scores.detach().cpu().double()
+    values = -scores if name == "threshold" else torch.softmax(-scores, dim=1)  # keep where value <= knob
+    floor = flops.minimum + gate_flops
+    spare = ratio * flops.full - floor  # mean FLOPs per image left for units
+    if spare < 0:
+        raise ValueError(f"a FLOPs ratio of {ratio} is below what skipping every unit costs "
+                         f"({floor / flops.full:.4f} of the backbone, gate counted)")
+    weight = flops.saving().expand_as(values) / len(values)  # each (x, i) kept adds saving_i / N to the mean
+    order = values.flatten().argsort()
+    v, spent = values.flatten()[order], weight.flatten()[order].cumsum(0)
+    last = v.numel() - 1
+    fits = int((spent <= spare + 1e-9).sum()) - 1  # the last sorted value whose keeping still fits
+    while fits >= 0 and fits < last and v[fits + 1] == v[fits]:  # a tie is kept whole or not at all
+        fits -= 1
+    if fits < 0:  # not even the lowest value fits: keep nothing
+        return float(v[0] - 1.0) if name == "threshold" else 0.0
+    if fits == last:  # every unit fits: keep them all
+        return 1.0 if name == "softmax" else float(v[last] + 1.0)
+    return float((v[fits] + v[fits + 1]) / 2)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gating.flops import FlopsProfile
-from gating.policies import POLICIES, capped, make_policy
+from gating.policies import POLICIES, capped, knob_for_flops, make_policy
 
 PROFILE = FlopsProfile(stem=10, head=2, unit_run=(100, 100, 200, 50), unit_skip=(0, 0, 20, 0))
 SCORES = torch.tensor([[3.0, -1.0, 0.5, -2.0],
@@ -101,3 +101,34 @@ def test_policy_keys_tell_capped_rules_apart():
     assert capped(rule, 0.5).key == capped(make_policy("threshold", -1.0), 0.5).key
     assert capped(rule, 0.5).to_dict() == {"name": "threshold", "knob": -1.0, "cap": 0.5}
     assert (make_policy("full").cap, make_policy("budget", 0.5).cap, rule.cap) == (1.0, 0.5, None)
+
+
+@pytest.mark.parametrize("name", ["threshold", "softmax"])
+@pytest.mark.parametrize("ratio", [0.3, 0.55, 0.8, 1.2])
+def test_a_knob_for_a_flops_ratio_spends_the_ratio_and_no_more(name, ratio):
+    scores = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    gate = 5
+    knob = knob_for_flops(name, scores, PROFILE, ratio, gate_flops=gate)
+    rule = make_policy(name, knob)
+    keep = rule.decide(scores, PROFILE)
+    spent = (PROFILE.executed(keep).mean() + gate) / PROFILE.full
+    assert spent <= ratio + 1e-9
+    values = -scores.double() if name == "threshold" else torch.softmax(-scores.double(), 1)
+    if (~keep).any():  # keeping the cheapest-to-reach next (x, i) as well would overspend
+        nxt = values[~keep].min()
+        more = keep | (values <= nxt)
+        assert (PROFILE.executed(more).mean() + gate) / PROFILE.full > ratio
+    else:
+        assert ratio >= 1.0
+    # the knob lies strictly between the last value kept and the first skipped: decisions are robust to round-off
+    assert (values[keep] < knob).all() and (values[~keep] > knob).all()
+
+
+def test_a_knob_for_a_flops_ratio_refuses_what_it_cannot_set():
+    scores = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="threshold and softmax"):
+        knob_for_flops("budget", scores, PROFILE, 0.5)
+    with pytest.raises(ValueError, match="below what skipping every unit costs"):
+        knob_for_flops("threshold", scores, PROFILE, 0.01)
+    with pytest.raises(ValueError, match=r"scores must be \(images, 4\)"):
+        knob_for_flops("threshold", torch.randn(8, 3), PROFILE, 0.5)

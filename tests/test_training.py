@@ -310,6 +310,29 @@ def test_killed_finetune_resumes_to_the_same_weights(image_dir, gated_checkpoint
     assert not torch.equal(a["stem.0.weight"], GatedModel.load(path).backbone.state_dict()["stem.0.weight"])
 
 
+@pytest.mark.parametrize("policy", ["threshold", "softmax"])
+def test_a_flops_target_sets_the_served_knob_to_spend_it_on_training_images(image_dir, gated_checkpoint, tmp_path,
+                                                                            policy):
+    from training.data import normalize
+    from training.finetune import FinetuneConfig, finetune, served_knob
+
+    train, _ = split_train_val(load_image_folder(image_dir), val_fraction=0.25, seed=0)
+    cfg = FinetuneConfig(policy=policy, knob=0.0, flops_target=0.7, epochs=0, recalibration_images=40)
+    model = GatedModel.load(gated_checkpoint)
+    knob = served_knob(model, train, cfg)
+    assert knob != cfg.knob
+    with torch.no_grad():
+        out = model(normalize(train.images, model.card.mean, model.card.std), make_policy(policy, knob))
+    spent = float(out.flops.mean()) / model.flops.full  # gate counted
+    unit = max(model.flops.saving()) / model.flops.full / len(train)  # one (image, unit) more or less
+    assert 0.7 - 2 * unit < spent <= 0.7 + 1e-9
+    assert not out.keep.all() and out.keep.any()
+    # S5 serves that knob, set before it trains (epochs=0: recalibration only)
+    tuned = finetune(GatedModel.load(gated_checkpoint), train, cfg, tmp_path / "run")
+    assert tuned.policy.to_dict() == {"name": policy, "knob": knob}
+    assert served_knob(model, train, dataclasses.replace(cfg, flops_target=None)) == 0.0
+
+
 @pytest.mark.parametrize("cutout_size", [0, 8])
 def test_recalibration_estimates_bn_statistics_on_augmented_images(image_dir, gated_checkpoint, cutout_size):
     from training.data import augment, normalize
@@ -491,6 +514,11 @@ def test_the_final_model_is_the_best_round_not_the_last():
     ("refine: {cutout: -8}\n", "\\[refine\\] cutout is a square's side in pixels \\(0 = off\\), got -8"),
     ("backbone: {cutout: -1}\n", "\\[backbone\\] cutout is a square's side"),
     ("- a\n- b\n", "expected a mapping"),
+    ("refine: {flops_target: 0.5}\n", "\\[refine\\] cannot set \\['flops_target'\\]"),
+    ("finetune: {policy: budget, flops_target: 0.6}\n",
+     "\\[finetune\\] flops_target sets the knob of the threshold or softmax rule, not of 'budget'"),
+    ("finetune: {policy: softmax, knob: 0.3, flops_target: 1.5}\n", "flops_target must be in \\(0, 1\\], got 1.5"),
+    ("gate: {kind: lstm}\nfinetune: {policy: threshold, knob: 0.0, flops_target: 0.6}\n", "needs an up-front gate"),
 ])
 def test_bad_recipes_fail_before_any_work(tmp_path, text, match):
     with pytest.raises((RecipeError, ValueError), match=match):

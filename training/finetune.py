@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from gating.executor import execute
 from gating.model import GatedModel
-from gating.policies import make_policy
+from gating.policies import knob_for_flops, make_policy
 from training.data import ImageSet, augment, batches, check_cutout, cutout, normalize
 from training.run import RunDir, epoch_generator, pick_device, use_bf16
 
@@ -23,6 +23,9 @@ from training.run import RunDir, epoch_generator, pick_device, use_bf16
 class FinetuneConfig:
     policy: str = "budget"  # the rule the model will be served with
     knob: float = 0.6  # its knob
+    # threshold or softmax only: instead of `knob`, the mean FLOPs ratio (gate counted) the knob is set to
+    # spend on training images when S5 starts; a threshold's alpha depends on the gate's scale, a ratio does not
+    flops_target: Optional[float] = None
     epochs: int = 3
     batch_size: int = 128
     lr: float = 0.01  # cosine from here to zero
@@ -57,6 +60,47 @@ def train_on_own_paths(model: GatedModel, x: torch.Tensor, y: torch.Tensor, *,
         target = F.softmax(teacher(x).float() / temperature, dim=1)
     soft = F.kl_div(F.log_softmax(logits.float() / temperature, dim=1), target, reduction="batchmean")
     return (1 - distill) * loss + distill * temperature ** 2 * soft
+
+
+def check_flops_target(cfg: FinetuneConfig, upfront_gate: bool) -> None:
+    """Refuse a ``flops_target`` the knob cannot be set from, before any work."""
+    if cfg.flops_target is None:
+        return
+    if cfg.policy not in ("threshold", "softmax"):
+        raise ValueError(f"flops_target sets the knob of the threshold or softmax rule, not of {cfg.policy!r} "
+                         "(the budget rule's knob is a FLOPs ratio already)")
+    if not 0 < cfg.flops_target <= 1:
+        raise ValueError(f"flops_target must be in (0, 1], got {cfg.flops_target}")
+    if cfg.policy == "threshold" and not upfront_gate:
+        raise ValueError("flops_target with the threshold rule needs an up-front gate (resnet8): an inline "
+                         "gate's scores depend on the path the rule has already taken")
+
+
+@torch.inference_mode()
+def served_knob(model: GatedModel, data: ImageSet, cfg: FinetuneConfig, *, images: int = 10_000) -> float:
+    """``cfg.knob``, or with ``cfg.flops_target`` the knob whose mean FLOPs on ``images`` clean training
+    images (a seeded sample, all when there are fewer) is that ratio, gate counted."""
+    check_flops_target(cfg, model.gate is not None and model.gate.upfront)
+    if cfg.flops_target is None:
+        return cfg.knob
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:images]
+    stats = (model.card.mean, model.card.std) if model.card else ()
+    device = next(model.backbone.parameters()).device
+    scores = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), 250):
+            x = normalize(data.images[order[start:start + 250]], *stats).to(device)
+            if model.gate.upfront:
+                scores.append(model.gate(x).float().cpu())  # (B, n)
+            else:  # softmax needs every score; an inline gate reads them off a full pass, as served
+                features, _ = model.backbone.unit_inputs(x)
+                scores.append(model.gate.score_features(features).float().cpu())
+    finally:
+        model.train(was_training)
+    return knob_for_flops(cfg.policy, torch.cat(scores), model.flops, cfg.flops_target,
+                          gate_flops=model.gate_flops)
 
 
 @torch.no_grad()
@@ -115,7 +159,7 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
     model.backbone.to(memory_format=fmt)
     if teacher is not None:
         teacher.to(device, memory_format=fmt)
-    model.policy = make_policy(cfg.policy, cfg.knob)
+    model.policy = make_policy(cfg.policy, served_knob(model, train, cfg))
     model.gate.requires_grad_(False)
     params = list(model.backbone.parameters())
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)

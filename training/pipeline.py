@@ -30,7 +30,7 @@ from gating.policies import make_policy
 from training.backbone import BackboneConfig, evaluate, load_split, train_backbone
 from training.data import check_cutout
 from training.evaluate import evaluate_gated
-from training.finetune import FinetuneConfig, finetune, recalibrate_bn
+from training.finetune import FinetuneConfig, check_flops_target, finetune, recalibrate_bn, served_knob
 from training.gate import GateConfig, train_gate
 from training.labels import LabelConfig, label_dataset, load_labels, save_labels
 from training.run import pick_device, record_stage
@@ -108,12 +108,16 @@ def _validate(recipe: Recipe, where: str) -> None:
             raise RecipeError(f"{where}: {message}")
     if not isinstance(recipe.refine, dict):
         raise RecipeError(f"{where}: refine must be a mapping of [finetune] fields")
-    known = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"policy", "knob"}
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"policy", "knob", "flops_target"}
     unknown = sorted(set(recipe.refine) - known)
     if unknown:
         raise RecipeError(f"{where}: [refine] cannot set {unknown}; it may set {sorted(known)} "
-                          "(every round serves the [finetune] policy and knob)")
+                          "(every round serves the [finetune] policy and knob, or flops_target)")
     make_policy(recipe.finetune.policy, recipe.finetune.knob)  # raises on a bad rule or knob
+    try:
+        check_flops_target(recipe.finetune, GATES.get(recipe.gate.kind).upfront)
+    except ValueError as err:
+        raise RecipeError(f"{where}: [finetune] {err}") from None
     for section, config in (("backbone", recipe.backbone), ("finetune", recipe.finetune),
                             ("refine", recipe.finetune_config(2))):
         try:
@@ -166,11 +170,11 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
                 model = GatedModel.load(gated)
             else:
                 model = train_gate(model, train, imp, recipe.gate, rdir)
-                model.policy = make_policy(recipe.finetune.policy, recipe.finetune.knob)
+                ft = recipe.finetune_config(k)
+                model.policy = make_policy(ft.policy, served_knob(model, train, ft))
                 # a new gate sends images down other paths: BN statistics for them, on images augmented
                 # as the backbone was last trained (S1's augmentation in round 1, the previous round's S5's later).
                 # The default of commit 1409eb5 (round 2's S4 output) went from 0.8492 to 0.8592 by this alone.
-                ft = recipe.finetune_config(k)
                 last_cutout = recipe.backbone.cutout if k == 1 else recipe.finetune_config(k - 1).cutout
                 recalibrate_bn(model, train, images=ft.recalibration_images, seed=ft.seed, cutout_size=last_cutout)
                 record_stage(model, f"S4 round {k}", str(source), recipe=str(recipe_path))
