@@ -439,6 +439,25 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_stages(image_dir, tmp_path
     assert (tmp_path / "run" / "round1" / "model.safetensors").stat().st_mtime_ns == before
 
 
+def test_a_pipeline_with_a_flops_target_serves_its_rule_at_the_knob_set_for_its_gate(image_dir, tmp_path):
+    from training.backbone import load_split
+    from training.finetune import FinetuneConfig, served_knob
+
+    text = f"""
+rounds: 1
+backbone: {{arch: resnet20, data: "{image_dir}", val_fraction: 0.25, epochs: 1, batch_size: 16, channels_last: false}}
+gate: {{kind: resnet8, epochs: 1, batch_size: 16}}
+finetune: {{policy: threshold, flops_target: 0.7, epochs: 1, batch_size: 16, recalibration_images: 45}}
+targets: {{min_flops_saved: 0.2, max_top1_drop: 1.0}}
+"""
+    run = tmp_path / "run"
+    run_pipeline(_recipe(tmp_path, image_dir, text), run)
+    s4, s5 = (GatedModel.load(run / "round1" / name) for name in ("gated.safetensors", "model.safetensors"))
+    train, _ = load_split(load_recipe(run / "recipe.yaml").backbone)
+    knob = served_knob(s4, train, FinetuneConfig(policy="threshold", flops_target=0.7))
+    assert s4.policy.to_dict() == s5.policy.to_dict() == {"name": "threshold", "knob": knob}
+
+
 def test_second_round_labels_the_paths_of_the_first_rounds_model(image_dir, tmp_path, monkeypatch):
     import training.pipeline
 
