@@ -314,23 +314,41 @@ def test_killed_finetune_resumes_to_the_same_weights(image_dir, gated_checkpoint
 def test_a_flops_target_sets_the_served_knob_to_spend_it_on_training_images(image_dir, gated_checkpoint, tmp_path,
                                                                             policy):
     from training.data import normalize
-    from training.finetune import FinetuneConfig, finetune, served_knob
+    from training.finetune import FinetuneConfig, finetune, served_policy
 
     train, _ = split_train_val(load_image_folder(image_dir), val_fraction=0.25, seed=0)
-    cfg = FinetuneConfig(policy=policy, knob=0.0, flops_target=0.7, epochs=0, recalibration_images=40)
+    cfg = FinetuneConfig(policy=policy, flops_target=0.7, epochs=0, recalibration_images=40)
     model = GatedModel.load(gated_checkpoint)
-    knob = served_knob(model, train, cfg)
-    assert knob != cfg.knob
+    rule = served_policy(model, train, cfg)
+    assert rule.name == policy
     with torch.no_grad():
-        out = model(normalize(train.images, model.card.mean, model.card.std), make_policy(policy, knob))
+        out = model(normalize(train.images, model.card.mean, model.card.std), rule)
     spent = float(out.flops.mean()) / model.flops.full  # gate counted
     unit = max(model.flops.saving()) / model.flops.full / len(train)  # one (image, unit) more or less
     assert 0.7 - 2 * unit < spent <= 0.7 + 1e-9
     assert not out.keep.all() and out.keep.any()
     # S5 serves that knob, set before it trains (epochs=0: recalibration only)
     tuned = finetune(GatedModel.load(gated_checkpoint), train, cfg, tmp_path / "run")
-    assert tuned.policy.to_dict() == {"name": policy, "knob": knob}
-    assert served_knob(model, train, dataclasses.replace(cfg, flops_target=None)) == 0.0
+    assert tuned.policy.to_dict() == rule.to_dict()
+    with pytest.raises(ValueError, match="flops_target must be in \\(0, 1\\]"):
+        finetune(GatedModel.load(gated_checkpoint), train, dataclasses.replace(cfg, flops_target=0.0), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_s5_serves_the_checkpoints_own_rule_unless_told_another_with_its_knob(image_dir, gated_checkpoint):
+    from training.finetune import FinetuneConfig, served_policy
+
+    train, _ = split_train_val(load_image_folder(image_dir), val_fraction=0.25, seed=0)
+    model = GatedModel.load(gated_checkpoint)  # served with budget 0.5
+    assert served_policy(model, train, FinetuneConfig()).to_dict() == {"name": "budget", "knob": 0.5}
+    assert served_policy(model, train, FinetuneConfig(knob=0.7)).to_dict() == {"name": "budget", "knob": 0.7}
+    assert served_policy(model, train, FinetuneConfig(policy="threshold", knob=-0.1)).knob == -0.1
+    with pytest.raises(ValueError, match="policy 'threshold' needs a knob or a flops_target"):
+        served_policy(model, train, FinetuneConfig(policy="threshold"))
+    with pytest.raises(ValueError, match="not of 'budget'"):
+        served_policy(model, train, FinetuneConfig(flops_target=0.6))  # the checkpoint's rule is budget
+    with pytest.raises(ValueError, match="budget must be in"):
+        served_policy(model, train, FinetuneConfig(knob=1.5))
 
 
 @pytest.mark.parametrize("cutout_size", [0, 8])
@@ -441,7 +459,7 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_stages(image_dir, tmp_path
 
 def test_a_pipeline_with_a_flops_target_serves_its_rule_at_the_knob_set_for_its_gate(image_dir, tmp_path):
     from training.backbone import load_split
-    from training.finetune import FinetuneConfig, served_knob
+    from training.finetune import FinetuneConfig, served_policy
 
     text = f"""
 rounds: 1
@@ -454,8 +472,8 @@ targets: {{min_flops_saved: 0.2, max_top1_drop: 1.0}}
     run_pipeline(_recipe(tmp_path, image_dir, text), run)
     s4, s5 = (GatedModel.load(run / "round1" / name) for name in ("gated.safetensors", "model.safetensors"))
     train, _ = load_split(load_recipe(run / "recipe.yaml").backbone)
-    knob = served_knob(s4, train, FinetuneConfig(policy="threshold", flops_target=0.7))
-    assert s4.policy.to_dict() == s5.policy.to_dict() == {"name": "threshold", "knob": knob}
+    rule = served_policy(s4, train, FinetuneConfig(policy="threshold", flops_target=0.7))
+    assert s4.policy.to_dict() == s5.policy.to_dict() == rule.to_dict() and rule.name == "threshold"
 
 
 def test_second_round_labels_the_paths_of_the_first_rounds_model(image_dir, tmp_path, monkeypatch):
@@ -538,6 +556,9 @@ def test_the_final_model_is_the_best_round_not_the_last():
      "\\[finetune\\] flops_target sets the knob of the threshold or softmax rule, not of 'budget'"),
     ("finetune: {policy: softmax, knob: 0.3, flops_target: 1.5}\n", "flops_target must be in \\(0, 1\\], got 1.5"),
     ("gate: {kind: lstm}\nfinetune: {policy: threshold, knob: 0.0, flops_target: 0.6}\n", "needs an up-front gate"),
+    ("finetune: {epochs: 3}\n", "\\[finetune\\] must set the served policy and its knob \\(or flops_target\\)"),
+    ("finetune: {policy: threshold}\n", "\\[finetune\\] must set the served policy"),
+    ("finetune: {policy: random, knob: 1}\n", "\\[finetune\\] unknown policy 'random'; known: budget"),
 ])
 def test_bad_recipes_fail_before_any_work(tmp_path, text, match):
     with pytest.raises((RecipeError, ValueError), match=match):

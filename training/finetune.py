@@ -14,15 +14,15 @@ from tqdm import tqdm
 
 from gating.executor import execute
 from gating.model import GatedModel
-from gating.policies import knob_for_flops, make_policy
+from gating.policies import Policy, knob_for_flops, make_policy
 from training.data import ImageSet, augment, batches, check_cutout, cutout, normalize
 from training.run import RunDir, epoch_generator, pick_device, use_bf16
 
 
 @dataclass
 class FinetuneConfig:
-    policy: str = "budget"  # the rule the model will be served with
-    knob: float = 0.6  # its knob
+    policy: Optional[str] = None  # the rule the model will be served with (None: the checkpoint's own)
+    knob: Optional[float] = None  # its knob (None: the checkpoint's, when the rule is the checkpoint's)
     # threshold or softmax only: instead of `knob`, the mean FLOPs ratio (gate counted) the knob is set to
     # spend on training images when S5 starts; a threshold's alpha depends on the gate's scale, a ratio does not
     flops_target: Optional[float] = None
@@ -62,27 +62,34 @@ def train_on_own_paths(model: GatedModel, x: torch.Tensor, y: torch.Tensor, *,
     return (1 - distill) * loss + distill * temperature ** 2 * soft
 
 
-def check_flops_target(cfg: FinetuneConfig, upfront_gate: bool) -> None:
-    """Refuse a ``flops_target`` the knob cannot be set from, before any work."""
-    if cfg.flops_target is None:
+def check_policy(cfg: FinetuneConfig, current: Policy, upfront_gate: bool) -> None:
+    """Refuse, before any work, a rule and knob that cannot be served: ``current`` is the model's rule,
+    which S5 keeps when ``cfg`` names none."""
+    name = cfg.policy or current.name
+    if cfg.flops_target is not None:
+        if name not in ("threshold", "softmax"):
+            raise ValueError(f"flops_target sets the knob of the threshold or softmax rule, not of {name!r} "
+                             "(the budget rule's knob is a FLOPs ratio already)")
+        if not 0 < cfg.flops_target <= 1:
+            raise ValueError(f"flops_target must be in (0, 1], got {cfg.flops_target}")
+        if name == "threshold" and not upfront_gate:
+            raise ValueError("flops_target with the threshold rule needs an up-front gate (resnet8): an inline "
+                             "gate's scores depend on the path the rule has already taken")
         return
-    if cfg.policy not in ("threshold", "softmax"):
-        raise ValueError(f"flops_target sets the knob of the threshold or softmax rule, not of {cfg.policy!r} "
-                         "(the budget rule's knob is a FLOPs ratio already)")
-    if not 0 < cfg.flops_target <= 1:
-        raise ValueError(f"flops_target must be in (0, 1], got {cfg.flops_target}")
-    if cfg.policy == "threshold" and not upfront_gate:
-        raise ValueError("flops_target with the threshold rule needs an up-front gate (resnet8): an inline "
-                         "gate's scores depend on the path the rule has already taken")
+    if cfg.knob is None and name != current.name:
+        raise ValueError(f"policy {name!r} needs a knob or a flops_target (the model serves {current!r})")
+    make_policy(name, cfg.knob if cfg.knob is not None else current.knob)  # raises on a bad knob
 
 
 @torch.inference_mode()
-def served_knob(model: GatedModel, data: ImageSet, cfg: FinetuneConfig, *, images: int = 10_000) -> float:
-    """``cfg.knob``, or with ``cfg.flops_target`` the knob whose mean FLOPs on ``images`` clean training
-    images (a seeded sample, all when there are fewer) is that ratio, gate counted."""
-    check_flops_target(cfg, model.gate is not None and model.gate.upfront)
+def served_policy(model: GatedModel, data: ImageSet, cfg: FinetuneConfig, *, images: int = 10_000) -> Policy:
+    """The rule S5 trains for and the model is served with: ``cfg``'s, or the model's own where ``cfg``
+    leaves it out. With ``cfg.flops_target``, the knob whose mean FLOPs on ``images`` clean training
+    images (a seeded sample, all when there are fewer), gate counted, is that ratio."""
+    check_policy(cfg, model.policy, model.gate is not None and model.gate.upfront)
+    name = cfg.policy or model.policy.name
     if cfg.flops_target is None:
-        return cfg.knob
+        return make_policy(name, cfg.knob if cfg.knob is not None else model.policy.knob)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:images]
     stats = (model.card.mean, model.card.std) if model.card else ()
     device = next(model.backbone.parameters()).device
@@ -99,8 +106,8 @@ def served_knob(model: GatedModel, data: ImageSet, cfg: FinetuneConfig, *, image
                 scores.append(model.gate.score_features(features).float().cpu())
     finally:
         model.train(was_training)
-    return knob_for_flops(cfg.policy, torch.cat(scores), model.flops, cfg.flops_target,
-                          gate_flops=model.gate_flops)
+    knob = knob_for_flops(name, torch.cat(scores), model.flops, cfg.flops_target, gate_flops=model.gate_flops)
+    return make_policy(name, knob)
 
 
 @torch.no_grad()
@@ -146,6 +153,7 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
     if not 0 <= cfg.distill <= 1:
         raise ValueError(f"distill must be in [0, 1], got {cfg.distill}")
     check_cutout(cfg.cutout)
+    check_policy(cfg, model.policy, model.gate is not None and model.gate.upfront)
     device = pick_device(cfg.device)
     run = RunDir(run_dir, "finetune")
     run.check_config(cfg)
@@ -159,7 +167,7 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
     model.backbone.to(memory_format=fmt)
     if teacher is not None:
         teacher.to(device, memory_format=fmt)
-    model.policy = make_policy(cfg.policy, served_knob(model, train, cfg))
+    model.policy = served_policy(model, train, cfg)
     model.gate.requires_grad_(False)
     params = list(model.backbone.parameters())
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)

@@ -26,11 +26,11 @@ import yaml
 from gating.checkpoint import atomic_write_text
 from gating.gates import GATES
 from gating.model import GatedModel
-from gating.policies import make_policy
+from gating.policies import POLICIES, Full
 from training.backbone import BackboneConfig, evaluate, load_split, train_backbone
 from training.data import check_cutout
 from training.evaluate import evaluate_gated
-from training.finetune import FinetuneConfig, check_flops_target, finetune, recalibrate_bn, served_knob
+from training.finetune import FinetuneConfig, check_policy, finetune, recalibrate_bn, served_policy
 from training.gate import GateConfig, train_gate
 from training.labels import LabelConfig, label_dataset, load_labels, save_labels
 from training.run import pick_device, record_stage
@@ -113,11 +113,6 @@ def _validate(recipe: Recipe, where: str) -> None:
     if unknown:
         raise RecipeError(f"{where}: [refine] cannot set {unknown}; it may set {sorted(known)} "
                           "(every round serves the [finetune] policy and knob, or flops_target)")
-    make_policy(recipe.finetune.policy, recipe.finetune.knob)  # raises on a bad rule or knob
-    try:
-        check_flops_target(recipe.finetune, GATES.get(recipe.gate.kind).upfront)
-    except ValueError as err:
-        raise RecipeError(f"{where}: [finetune] {err}") from None
     for section, config in (("backbone", recipe.backbone), ("finetune", recipe.finetune),
                             ("refine", recipe.finetune_config(2))):
         try:
@@ -125,6 +120,16 @@ def _validate(recipe: Recipe, where: str) -> None:
             pick_device(config.device)
         except ValueError as err:
             raise RecipeError(f"{where}: [{section}] {err}") from None
+    served = recipe.finetune
+    if served.policy is None or (served.knob is None and served.flops_target is None and served.policy != "full"):
+        raise RecipeError(f"{where}: [finetune] must set the served policy and its knob (or flops_target)")
+    try:
+        POLICIES.get(served.policy)
+        check_policy(served, Full(), GATES.get(recipe.gate.kind).upfront)
+    except KeyError as err:
+        raise RecipeError(f"{where}: [finetune] {err.args[0]}") from None
+    except ValueError as err:
+        raise RecipeError(f"{where}: [finetune] {err}") from None
 
 
 def best_round(rounds: list[dict], min_flops_saved: float) -> dict:
@@ -171,7 +176,7 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
             else:
                 model = train_gate(model, train, imp, recipe.gate, rdir)
                 ft = recipe.finetune_config(k)
-                model.policy = make_policy(ft.policy, served_knob(model, train, ft))
+                model.policy = served_policy(model, train, ft)
                 # a new gate sends images down other paths: BN statistics for them, on images augmented
                 # as the backbone was last trained (S1's augmentation in round 1, the previous round's S5's later).
                 # The default of commit 1409eb5 (round 2's S4 output) went from 0.8492 to 0.8592 by this alone.
