@@ -96,7 +96,8 @@ class Threshold(Policy):
         return self.decide_unit(scores)
 
     def decide_unit(self, score):
-        return (-score.detach().cpu()) <= self.knob
+        # in float64, as knob_for_flops sets alpha: a float32 comparison rounds alpha to the nearest float32
+        return (-score.detach().cpu().double()) <= self.knob
 
 
 @POLICIES.register("softmax")

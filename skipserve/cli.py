@@ -173,7 +173,7 @@ def _finetune(args: argparse.Namespace) -> int:
     model = finetune(model, train, cfg, args.run_dir, teacher=teacher)
     # epochs 0 recalibrates BN only: the card says which
     record_stage(model, "S5" if cfg.epochs else "S5 BN recalibration only", args.checkpoint,
-                  finetune=vars(cfg), teacher=args.teacher)
+                  finetune=vars(cfg), teacher=args.teacher, policy=model.policy.to_dict())
     model.save(args.out)
     print(args.out)
     return 0

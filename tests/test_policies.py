@@ -132,3 +132,18 @@ def test_a_knob_for_a_flops_ratio_refuses_what_it_cannot_set():
         knob_for_flops("threshold", scores, PROFILE, 0.01)
     with pytest.raises(ValueError, match=r"scores must be \(images, 4\)"):
         knob_for_flops("threshold", torch.randn(8, 3), PROFILE, 0.5)
+
+
+@pytest.mark.parametrize("name", ["threshold", "softmax"])
+def test_a_knob_for_a_flops_ratio_keeps_ties_whole_and_can_keep_nothing(name):
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 2.0, 0.0]])  # ties within and across images
+    for ratio in (0.2, 0.4, 0.5, 0.6, 0.8):
+        knob = knob_for_flops(name, scores, PROFILE, ratio)
+        keep = make_policy(name, knob).decide(scores, PROFILE)
+        assert PROFILE.executed(keep).mean() / PROFILE.full <= ratio + 1e-9
+        values = -scores.double() if name == "threshold" else torch.softmax(-scores.double(), 1)
+        for v in values.unique():  # every tie all kept or all skipped
+            assert keep[values == v].all() or not keep[values == v].any()
+    floor = PROFILE.minimum / PROFILE.full
+    knob = knob_for_flops(name, scores, PROFILE, floor + 0.01)  # room for no unit at all
+    assert not make_policy(name, knob).decide(scores, PROFILE).any()

@@ -349,6 +349,8 @@ def test_s5_serves_the_checkpoints_own_rule_unless_told_another_with_its_knob(im
         served_policy(model, train, FinetuneConfig(flops_target=0.6))  # the checkpoint's rule is budget
     with pytest.raises(ValueError, match="budget must be in"):
         served_policy(model, train, FinetuneConfig(knob=1.5))
+    with pytest.raises(ValueError, match="policy 'full' runs every unit"):
+        served_policy(model, train, FinetuneConfig(policy="full"))
 
 
 @pytest.mark.parametrize("cutout_size", [0, 8])
@@ -554,10 +556,12 @@ def test_the_final_model_is_the_best_round_not_the_last():
     ("refine: {flops_target: 0.5}\n", "\\[refine\\] cannot set \\['flops_target'\\]"),
     ("finetune: {policy: budget, flops_target: 0.6}\n",
      "\\[finetune\\] flops_target sets the knob of the threshold or softmax rule, not of 'budget'"),
-    ("finetune: {policy: softmax, knob: 0.3, flops_target: 1.5}\n", "flops_target must be in \\(0, 1\\], got 1.5"),
-    ("gate: {kind: lstm}\nfinetune: {policy: threshold, knob: 0.0, flops_target: 0.6}\n", "needs an up-front gate"),
+    ("finetune: {policy: softmax, flops_target: 1.5}\n", "flops_target must be in \\(0, 1\\], got 1.5"),
+    ("gate: {kind: lstm}\nfinetune: {policy: softmax, flops_target: 0.6}\n", "needs an up-front gate"),
+    ("finetune: {policy: threshold, knob: 0.0, flops_target: 0.6}\n", "set knob or flops_target, not both"),
+    ("finetune: {policy: full}\n", "policy 'full' runs every unit"),
     ("finetune: {epochs: 3}\n", "\\[finetune\\] must set the served policy and its knob \\(or flops_target\\)"),
-    ("finetune: {policy: threshold}\n", "\\[finetune\\] must set the served policy"),
+    ("finetune: {policy: threshold}\n", "\\[finetune\\] policy 'threshold' needs a knob or a flops_target"),
     ("finetune: {policy: random, knob: 1}\n", "\\[finetune\\] unknown policy 'random'; known: budget"),
 ])
 def test_bad_recipes_fail_before_any_work(tmp_path, text, match):

@@ -66,22 +66,25 @@ def check_policy(cfg: FinetuneConfig, current: Policy, upfront_gate: bool) -> No
     """Refuse, before any work, a rule and knob that cannot be served: ``current`` is the model's rule,
     which S5 keeps when ``cfg`` names none."""
     name = cfg.policy or current.name
+    if name == "full":
+        raise ValueError("S5 trains the backbone on each image's gated path, and policy 'full' runs every unit: "
+                         "name the rule to serve (policy and knob, or flops_target)")
     if cfg.flops_target is not None:
+        if cfg.knob is not None:
+            raise ValueError(f"set knob or flops_target, not both (knob {cfg.knob}, flops_target {cfg.flops_target})")
         if name not in ("threshold", "softmax"):
-            raise ValueError(f"flops_target sets the knob of the threshold or softmax rule, not of {name!r} "
-                             "(the budget rule's knob is a FLOPs ratio already)")
+            raise ValueError(f"flops_target sets the knob of the threshold or softmax rule, not of {name!r}")
         if not 0 < cfg.flops_target <= 1:
             raise ValueError(f"flops_target must be in (0, 1], got {cfg.flops_target}")
-        if name == "threshold" and not upfront_gate:
-            raise ValueError("flops_target with the threshold rule needs an up-front gate (resnet8): an inline "
-                             "gate's scores depend on the path the rule has already taken")
+        if not upfront_gate:
+            raise ValueError("flops_target needs an up-front gate (resnet8): an inline gate's scores depend on "
+                             "the path the rule has already taken")
         return
     if cfg.knob is None and name != current.name:
         raise ValueError(f"policy {name!r} needs a knob or a flops_target (the model serves {current!r})")
     make_policy(name, cfg.knob if cfg.knob is not None else current.knob)  # raises on a bad knob
 
 
-@torch.inference_mode()
 def served_policy(model: GatedModel, data: ImageSet, cfg: FinetuneConfig, *, images: int = 10_000) -> Policy:
     """The rule S5 trains for and the model is served with: ``cfg``'s, or the model's own where ``cfg``
     leaves it out. With ``cfg.flops_target``, the knob whose mean FLOPs on ``images`` clean training
@@ -90,24 +93,18 @@ def served_policy(model: GatedModel, data: ImageSet, cfg: FinetuneConfig, *, ima
     name = cfg.policy or model.policy.name
     if cfg.flops_target is None:
         return make_policy(name, cfg.knob if cfg.knob is not None else model.policy.knob)
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:images]
+    scores = _gate_scores(model, data, images, cfg.seed)
+    return make_policy(name, knob_for_flops(name, scores, model.flops, cfg.flops_target, gate_flops=model.gate_flops))
+
+
+@torch.inference_mode()
+def _gate_scores(model: GatedModel, data: ImageSet, images: int, seed: int) -> torch.Tensor:
+    """(images, n) scores of the up-front gate on clean training images, computed on the CPU: the knob
+    set from them must not depend on the device S5 trains on (S4 runs on the CPU, S5 may not)."""
+    gate = copy.deepcopy(model.gate).cpu().eval()
     stats = (model.card.mean, model.card.std) if model.card else ()
-    device = next(model.backbone.parameters()).device
-    scores = []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), 250):
-            x = normalize(data.images[order[start:start + 250]], *stats).to(device)
-            if model.gate.upfront:
-                scores.append(model.gate(x).float().cpu())  # (B, n)
-            else:  # softmax needs every score; an inline gate reads them off a full pass, as served
-                features, _ = model.backbone.unit_inputs(x)
-                scores.append(model.gate.score_features(features).float().cpu())
-    finally:
-        model.train(was_training)
-    knob = knob_for_flops(name, torch.cat(scores), model.flops, cfg.flops_target, gate_flops=model.gate_flops)
-    return make_policy(name, knob)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:images]
+    return torch.cat([gate(normalize(data.images[idx], *stats)).float() for idx in order.split(250)])
 
 
 @torch.no_grad()

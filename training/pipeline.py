@@ -121,7 +121,7 @@ def _validate(recipe: Recipe, where: str) -> None:
         except ValueError as err:
             raise RecipeError(f"{where}: [{section}] {err}") from None
     served = recipe.finetune
-    if served.policy is None or (served.knob is None and served.flops_target is None and served.policy != "full"):
+    if served.policy is None:
         raise RecipeError(f"{where}: [finetune] must set the served policy and its knob (or flops_target)")
     try:
         POLICIES.get(served.policy)
