@@ -103,6 +103,11 @@ def test_policy_keys_tell_capped_rules_apart():
     assert (make_policy("full").cap, make_policy("budget", 0.5).cap, rule.cap) == (1.0, 0.5, None)
 
 
+def _kept_when_at_most_knob(name, scores):
+    """The values each rule compares with its knob, in float64 as the rules do: unit kept when value <= knob."""
+    return -scores.double() if name == "threshold" else torch.softmax(-scores.double(), 1)
+
+
 @pytest.mark.parametrize("name", ["threshold", "softmax"])
 @pytest.mark.parametrize("ratio", [0.3, 0.55, 0.8, 1.2])
 def test_a_knob_for_a_flops_ratio_spends_the_ratio_and_no_more(name, ratio):
@@ -113,7 +118,7 @@ def test_a_knob_for_a_flops_ratio_spends_the_ratio_and_no_more(name, ratio):
     keep = rule.decide(scores, PROFILE)
     spent = (PROFILE.executed(keep).mean() + gate) / PROFILE.full
     assert spent <= ratio + 1e-9
-    values = -scores.double() if name == "threshold" else torch.softmax(-scores.double(), 1)
+    values = _kept_when_at_most_knob(name, scores)
     if (~keep).any():  # keeping the cheapest-to-reach next (x, i) as well would overspend
         nxt = values[~keep].min()
         more = keep | (values <= nxt)
@@ -141,7 +146,7 @@ def test_a_knob_for_a_flops_ratio_keeps_ties_whole_and_can_keep_nothing(name):
         knob = knob_for_flops(name, scores, PROFILE, ratio)
         keep = make_policy(name, knob).decide(scores, PROFILE)
         assert PROFILE.executed(keep).mean() / PROFILE.full <= ratio + 1e-9
-        values = -scores.double() if name == "threshold" else torch.softmax(-scores.double(), 1)
+        values = _kept_when_at_most_knob(name, scores)
         for v in values.unique():  # every tie all kept or all skipped
             assert keep[values == v].all() or not keep[values == v].any()
     floor = PROFILE.minimum / PROFILE.full

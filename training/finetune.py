@@ -62,9 +62,10 @@ def train_on_own_paths(model: GatedModel, x: torch.Tensor, y: torch.Tensor, *,
     return (1 - distill) * loss + distill * temperature ** 2 * soft
 
 
-def check_policy(cfg: FinetuneConfig, current: Policy, upfront_gate: bool) -> None:
+def check_policy(cfg: FinetuneConfig, current: Policy, upfront_gate: bool) -> Optional[Policy]:
     """Refuse, before any work, a rule and knob that cannot be served: ``current`` is the model's rule,
-    which S5 keeps when ``cfg`` names none."""
+    which S5 keeps when ``cfg`` names none. Returns the rule when ``cfg`` fixes its knob, None when
+    ``flops_target`` is to set it."""
     name = cfg.policy or current.name
     if name == "full":
         raise ValueError("S5 trains the backbone on each image's gated path, and policy 'full' runs every unit: "
@@ -79,20 +80,20 @@ def check_policy(cfg: FinetuneConfig, current: Policy, upfront_gate: bool) -> No
         if not upfront_gate:
             raise ValueError("flops_target needs an up-front gate (resnet8): an inline gate's scores depend on "
                              "the path the rule has already taken")
-        return
+        return None
     if cfg.knob is None and name != current.name:
         raise ValueError(f"policy {name!r} needs a knob or a flops_target (the model serves {current!r})")
-    make_policy(name, cfg.knob if cfg.knob is not None else current.knob)  # raises on a bad knob
+    return make_policy(name, cfg.knob if cfg.knob is not None else current.knob)  # raises on a bad knob
 
 
 def served_policy(model: GatedModel, data: ImageSet, cfg: FinetuneConfig, *, images: int = 10_000) -> Policy:
     """The rule S5 trains for and the model is served with: ``cfg``'s, or the model's own where ``cfg``
     leaves it out. With ``cfg.flops_target``, the knob whose mean FLOPs on ``images`` clean training
     images (a seeded sample, all when there are fewer), gate counted, is that ratio."""
-    check_policy(cfg, model.policy, model.gate is not None and model.gate.upfront)
+    fixed = check_policy(cfg, model.policy, model.gate is not None and model.gate.upfront)
+    if fixed is not None:
+        return fixed
     name = cfg.policy or model.policy.name
-    if cfg.flops_target is None:
-        return make_policy(name, cfg.knob if cfg.knob is not None else model.policy.knob)
     scores = _gate_scores(model, data, images, cfg.seed)
     return make_policy(name, knob_for_flops(name, scores, model.flops, cfg.flops_target, gate_flops=model.gate_flops))
 
