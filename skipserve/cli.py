@@ -187,6 +187,14 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0 if summary["targets_met"] else 1
 
 
+def _progress(args: argparse.Namespace) -> int:
+    from training.progress import format_progress, run_progress
+
+    progress = run_progress(args.run_dir)
+    print(json.dumps(progress, indent=2) if args.json else format_progress(progress))
+    return 0
+
+
 def _bench_labels(args: argparse.Namespace) -> int:
     from benchmarks.common import machine_info
     from training.backbone import BackboneConfig, load_split
@@ -468,6 +476,11 @@ def _add_stages(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/default.yaml")
     p.add_argument("--run-dir", default="runs/default", help="run directory (default: runs/default)")
     p.set_defaults(func=_pipeline)
+
+    p = sub.add_parser("progress", help="what a run directory (pipeline or stage command) has done, and what is left")
+    p.add_argument("run_dir", help="a pipeline's --run-dir, or a train-backbone / train-gate / finetune run directory")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    p.set_defaults(func=_progress)
 
     p = sub.add_parser("prune", help="static pruning of a backbone: channel methods or magnitude (CSR)")
     p.add_argument("--method", required=True, help="l1, slimming, ista, lasso, genetic, hrank, or magnitude")

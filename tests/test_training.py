@@ -21,6 +21,7 @@ from training.data import DataError, ImageSet, cutout, load_image_folder, split_
 from training.gate import GateConfig, train_gate
 from training.labels import importance_cached, importance_naive, label_dataset, load_labels, save_labels
 from training.pipeline import RecipeError, _validate, load_recipe, run_pipeline
+from training.progress import run_progress
 
 from tests.conftest import CLASSES
 
@@ -454,6 +455,12 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_stages(image_dir, tmp_path
     s4 = GatedModel.load(tmp_path / "run" / "round1" / "gated.safetensors").backbone.state_dict()
     assert all(torch.equal(s1[k], s4[k]) for k in s1 if "running" not in k and "num_batches" not in k)
     assert not torch.equal(s1["units.8.bn1.running_mean"], s4["units.8.bn1.running_mean"])
+    # `skipserve progress` reads the same run back: every stage done, its records and evaluations found
+    progress = run_progress(tmp_path / "run")
+    assert [(s["stage"], s["status"], s["epochs_done"], s["epochs"]) for s in progress["stages"]] == [
+        ("S1", "done", 2, 2), ("S3", "done", 0, None), ("S4", "done", 2, 2), ("S5", "done", 1, 1)]
+    assert progress["stages"][3]["eval"] == summary["candidates"][1] and progress["summary"] == summary
+    assert progress["stages"][0]["best_val_top1"] is not None
     before = (tmp_path / "run" / "round1" / "model.safetensors").stat().st_mtime_ns
     assert run_pipeline(_recipe(tmp_path, image_dir), tmp_path / "run")["rounds"][0]["top1"] == r["top1"]
     assert (tmp_path / "run" / "round1" / "model.safetensors").stat().st_mtime_ns == before

@@ -1,0 +1,173 @@
+"""What a run directory has done so far: ``skipserve progress RUN_DIR``.
+
+Reads only the files the stages write (configs, ``metrics.jsonl``, outputs, eval and summary
+JSON), never a checkpoint, so it is safe beside a running pipeline and works on a stopped one.
+A pipeline run directory (one with ``recipe.yaml``) is shown stage by stage against its recipe;
+the run directory of a stage command (train-backbone, train-gate, finetune) against its own
+config. Whether a process is still writing to the directory it cannot tell: a stage that has
+begun and not finished is "started", and the first stage not done is where a rerun resumes.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+# the stages that keep per-epoch records, by the name RunDir files them under
+EPOCH_STAGES = {"backbone": "S1", "gate": "S4", "finetune": "S5"}
+TIMING_WINDOW = 5  # seconds per epoch: median of this many last epochs (a paused epoch does not skew it)
+
+
+class ProgressError(ValueError):
+    """A directory that is not a readable run directory; the message names the file."""
+
+
+@dataclass
+class StageProgress:
+    stage: str  # "S1", "S3", "S4" or "S5"
+    what: str  # e.g. "backbone resnet32", "labels", "gate resnet8", "finetune"
+    status: str  # "done", "started" (begun, not finished: running or stopped), "pending", or "skipped"
+    round: Optional[int] = None  # pipeline round (None: S1, or a stage command's run directory)
+    epochs_done: int = 0
+    epochs: Optional[int] = None  # None: the stage has no epochs (S3)
+    last: Optional[dict] = None  # the record of the last finished epoch
+    best_val_top1: Optional[float] = None  # S1 only: the best validation top-1 of any epoch so far
+    best_epoch: Optional[int] = None
+    seconds_per_epoch: Optional[float] = None  # median of the last TIMING_WINDOW epochs
+    eta_s: Optional[float] = None  # a started stage: epochs left x seconds_per_epoch
+    eval: Optional[dict] = None  # pipeline S4 and S5: validation figures of the stage's output
+
+
+def run_progress(run_dir: str | Path) -> dict:
+    """``{"run_dir", "kind": "pipeline" | "stage", "stages": [StageProgress as dict], "summary"}``."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ProgressError(f"{run}: no such run directory")
+    if (run / "recipe.yaml").exists():
+        stages, summary = _pipeline(run), _read_json(run / "summary.json")
+        kind = "pipeline"
+    else:
+        configs = sorted(run.glob("*-config.json"))
+        names = [p.name[: -len("-config.json")] for p in configs]
+        if not any(n in EPOCH_STAGES for n in names):
+            raise ProgressError(f"{run}: not a run directory: no recipe.yaml (pipeline) and no "
+                                f"{', '.join(f'{n}-config.json' for n in EPOCH_STAGES)} (stage commands)")
+        stages, summary, kind = [], None, "stage"
+        for name, path in zip(names, configs):
+            if name in EPOCH_STAGES:
+                cfg = _read_json(path)
+                what = " ".join([name, *(str(cfg[k]) for k in ("arch", "kind") if k in cfg)])  # S1's arch, S4's kind
+                stages.append(_epoch_stage(run, name, EPOCH_STAGES[name], what, cfg.get("epochs"), finished=None))
+    return {"run_dir": str(run), "kind": kind, "stages": [asdict(s) for s in stages], "summary": summary}
+
+
+def _pipeline(run: Path) -> list[StageProgress]:
+    from training.pipeline import load_recipe  # imports torch: only for pipeline directories
+
+    recipe = load_recipe(run / "recipe.yaml")
+    s1 = run / "s1"
+    stages = [_epoch_stage(s1, "backbone", "S1", f"backbone {recipe.backbone.arch}", recipe.backbone.epochs,
+                           finished=(s1 / "backbone.safetensors").exists())]
+    summary = _read_json(run / "summary.json")
+    rounds_run = len(summary["rounds"]) if summary else None  # a finished pipeline stops when the targets hold
+    for k in range(1, recipe.rounds + 1):
+        rdir = run / f"round{k}"
+        if rounds_run is not None and k > rounds_run:
+            stages += [StageProgress(s, w, "skipped", round=k) for s, w in
+                       (("S3", "labels"), ("S4", f"gate {recipe.gate.kind}"), ("S5", "finetune"))]
+            continue
+        labels_done = (rdir / "labels.safetensors").exists()
+        stages.append(StageProgress("S3", "labels", "done" if labels_done else "pending", round=k))
+        for name, what, epochs, output, eval_name in (
+                ("gate", f"gate {recipe.gate.kind}", recipe.gate.epochs, "gated.safetensors", "eval-gated.json"),
+                ("finetune", "finetune", recipe.finetune_config(k).epochs, "model.safetensors", "eval.json")):
+            stage = _epoch_stage(rdir, name, EPOCH_STAGES[name], what, epochs, finished=(rdir / output).exists())
+            stage.round, stage.eval = k, _read_json(rdir / eval_name)
+            stages.append(stage)
+    return stages
+
+
+def _epoch_stage(directory: Path, name: str, stage: str, what: str, epochs: Optional[int], *,
+                 finished: Optional[bool]) -> StageProgress:
+    """``finished``: whether the stage's output exists (None: judge by the epochs recorded)."""
+    records = _epoch_records(directory / "metrics.jsonl", name)
+    done = len(records)
+    if finished is None:
+        finished = epochs is not None and done >= epochs
+    began = done > 0 or (directory / f"{name}-state.pt").exists()
+    status = "done" if finished else "started" if began else "pending"
+    p = StageProgress(stage, what, status, epochs_done=done, epochs=epochs, last=records[-1] if records else None)
+    timed = [r["seconds"] for r in records[-TIMING_WINDOW:] if isinstance(r.get("seconds"), (int, float))]
+    if timed:
+        p.seconds_per_epoch = statistics.median(timed)
+        if status == "started" and epochs is not None:
+            p.eta_s = max(epochs - done, 0) * p.seconds_per_epoch
+    scored = [r for r in records if isinstance(r.get("val_top1"), (int, float))]
+    if scored:
+        best = max(scored, key=lambda r: r["val_top1"])
+        p.best_val_top1, p.best_epoch = best["val_top1"], best["epoch"]
+    return p
+
+
+def _epoch_records(path: Path, name: str) -> list[dict]:
+    """This stage's epoch records, one per epoch (the last, if a resume left two), in epoch order."""
+    if not path.exists():
+        return []
+    by_epoch = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ProgressError(f"{path}: line {n} is not JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise ProgressError(f"{path}: line {n} is not an epoch record (an object with an integer 'epoch')")
+        if record.get("stage") == name:
+            by_epoch[record["epoch"]] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ProgressError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def format_progress(progress: dict) -> str:
+    """The human-readable table ``skipserve progress`` prints."""
+    lines = [f"{progress['run_dir']} ({progress['kind']})"]
+    resumes = next((i for i, s in enumerate(progress["stages"]) if s["status"] in ("started", "pending")), None)
+    for i, s in enumerate(progress["stages"]):
+        label = (f"round {s['round']} " if s["round"] else "") + f"{s['stage']} {s['what']}"
+        epochs = f"{s['epochs_done']}/{s['epochs']} epochs" if s["epochs"] is not None else ""
+        detail = []
+        if s["best_val_top1"] is not None:
+            detail.append(f"val top-1 {s['last']['val_top1']:.4f} (best {s['best_val_top1']:.4f} at epoch "
+                          f"{s['best_epoch']})")
+        loss = (s["last"] or {}).get("train_loss", (s["last"] or {}).get("loss"))
+        if loss is not None and s["status"] != "done":
+            detail.append(f"loss {loss:.3f}")
+        if s["eval"]:
+            detail.append(f"output: top-1 {s['eval']['top1']:.4f} at {s['eval']['flops_ratio']:.3f} of the FLOPs")
+        if s["eta_s"] is not None:
+            detail.append(f"{s['seconds_per_epoch']:.0f} s/epoch, ~{_duration(s['eta_s'])} left")
+        if i == resumes:
+            detail.append("<- next")
+        lines.append(f"  {label:<26} {s['status']:<8} {epochs:<15} {'  '.join(detail)}".rstrip())
+    summary = progress["summary"]
+    if summary:
+        met = "met" if summary["targets_met"] else "not met"
+        lines.append(f"  finished: targets {met}; ships round {summary['best_round']} {summary['best_stage']} "
+                     f"({summary['final']}); S1 backbone top-1 {summary['backbone_top1']:.4f}")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes / 60:.1f} h"
