@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Callable, Optional
@@ -650,6 +651,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `skipserve progress runs/x | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush does not fail again
+        return 0
     except (ValueError, KeyError, FileNotFoundError) as err:  # our errors name what was wrong, and where
         print(f"skipserve {args.command}: error: {err}", file=sys.stderr)
         return 2

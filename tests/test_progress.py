@@ -5,6 +5,8 @@ test in test_training.py checks the same report on a real, finished run.
 """
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -143,3 +145,15 @@ def test_a_bad_run_directory_is_named_with_what_is_wrong(tmp_path, capsys, setup
         run_progress(run)
     assert main(["progress", str(run)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_is_not_an_error(tmp_path):
+    # `skipserve progress runs/x | head -1`: the pipe closes before the table is written
+    run = tmp_path / "s1"
+    run.mkdir()
+    (run / "backbone-config.json").write_text(json.dumps({"arch": "resnet20", "epochs": 4}))
+    proc = subprocess.Popen([sys.executable, "-m", "skipserve", "progress", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # long before the child has imported enough to write
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0 and b"Traceback" not in err, err.decode()
