@@ -4,6 +4,7 @@ The directories here are written by hand, as the stages would leave them part-wa
 test in test_training.py checks the same report on a real, finished run.
 """
 import json
+import os
 import re
 import subprocess
 import sys
@@ -59,24 +60,43 @@ def test_a_pipeline_part_way_through_s1(tmp_path):
     assert table[1].endswith("<- next") and not any("<- next" in line for line in table[2:])
 
 
-def test_a_resumed_stage_counts_each_epoch_once_and_the_next_stage_is_marked(tmp_path):
+def test_each_epoch_counts_once_and_the_next_stage_is_marked(tmp_path):
     run = _pipeline_dir(tmp_path)
     (run / "s1").mkdir()
     (run / "s1" / "backbone.safetensors").write_bytes(b"")  # S1's output: the stage is done
     (run / "round1").mkdir()
     (run / "round1" / "labels.safetensors").write_bytes(b"")
+    # epoch 1 recorded twice (by hand: a resume trims the file), epoch 2's record lost (a kill after its
+    # state was saved), epoch 3 recorded: four epochs done
     _records(run / "round1" / "metrics.jsonl", "gate", [{"epoch": 0, "loss": 0.5, "seconds": 10.0},
                                                         {"epoch": 1, "loss": 0.4, "seconds": 10.0},
-                                                        {"epoch": 1, "loss": 0.3, "seconds": 12.0}])
+                                                        {"epoch": 1, "loss": 0.3, "seconds": 12.0},
+                                                        {"epoch": 3, "loss": 0.2, "seconds": 12.0}])
+    (run / "recipe.yaml").write_text(RECIPE.replace("epochs: 3}", "epochs: 5}"))
     p = run_progress(run)
     s1, s3, s4, s5 = p["stages"][:4]
     assert (s1["status"], s1["epochs_done"]) == ("done", 0)  # an S1 copied in without its records is still done
     assert s3["status"] == "done"
-    assert (s4["status"], s4["epochs_done"], s4["last"]["loss"], s4["eta_s"]) == ("started", 2, 0.3, 11.0)
+    assert (s4["status"], s4["epochs_done"], s4["last"]["loss"], s4["eta_s"]) == ("started", 4, 0.2, 12.0)  # 1 epoch left at the median 12 s
     assert s5["status"] == "pending"
     table = format_progress(p).splitlines()
-    assert "<- next" in table[3] and "loss 0.300" in table[3]
+    assert "<- next" in table[3] and "loss 0.200" in table[3]
     assert sum("<- next" in line for line in table) == 1
+
+
+def test_every_epoch_recorded_without_the_output_is_not_done(tmp_path):
+    # killed after S4's last epoch, before its BN recalibration wrote gated.safetensors
+    run = _pipeline_dir(tmp_path)
+    (run / "s1").mkdir()
+    (run / "s1" / "backbone.safetensors").write_bytes(b"")
+    (run / "round1").mkdir()
+    (run / "round1" / "labels.safetensors").write_bytes(b"")
+    _records(run / "round1" / "metrics.jsonl", "gate", [{"epoch": e, "loss": 0.1, "seconds": 9.0} for e in range(3)])
+    s4 = run_progress(run)["stages"][2]
+    assert (s4["stage"], s4["status"], s4["eta_s"]) == ("S4", "epochs done", None)
+    assert "<- next" in format_progress(run_progress(run)).splitlines()[3]
+    (run / "round1" / "gated.safetensors").write_bytes(b"")
+    assert run_progress(run)["stages"][2]["status"] == "done"
 
 
 def test_a_finished_pipeline_shows_its_evaluations_the_skipped_rounds_and_what_it_ships(tmp_path):
@@ -108,9 +128,36 @@ def test_a_stage_commands_run_directory(tmp_path):
     _records(run / "metrics.jsonl", "finetune", [{"epoch": 0, "train_loss": 0.9, "seconds": 5.0}])
     (s5,) = run_progress(run)["stages"]
     assert (s5["stage"], s5["what"], s5["status"], s5["epochs_done"], s5["eta_s"]) == ("S5", "finetune", "started", 1, 5.0)
+    assert "<- next" not in format_progress(run_progress(run))  # a pipeline's order only
     _records(run / "metrics.jsonl", "finetune", [{"epoch": 1, "train_loss": 0.8, "seconds": 5.0}])
     (s5,) = run_progress(run)["stages"]
-    assert (s5["status"], s5["eta_s"]) == ("done", None)
+    assert (s5["status"], s5["eta_s"]) == ("epochs done", None)  # its output went to --out: not looked for
+    # `finetune --epochs 0` only recalibrates BN
+    recal = tmp_path / "recal"
+    recal.mkdir()
+    (recal / "finetune-config.json").write_text(json.dumps({"epochs": 0}))
+    assert run_progress(recal)["stages"][0]["status"] == "epochs done"
+    # train-backbone writes its output into the run directory: done once its summary is there
+    s1 = tmp_path / "s1"
+    s1.mkdir()
+    (s1 / "backbone-config.json").write_text(json.dumps({"arch": "resnet20", "epochs": 1}))
+    _records(s1 / "metrics.jsonl", "backbone", [{"epoch": 0, "val_top1": None, "train_loss": 1.0, "seconds": 5.0}])
+    assert run_progress(s1)["stages"][0]["status"] == "epochs done"
+    (s1 / "backbone-summary.json").write_text(json.dumps({"val_top1": 0.4}))
+    assert run_progress(s1)["stages"][0]["status"] == "done"
+
+
+def test_a_summary_older_than_the_recipe_is_of_an_earlier_run(tmp_path):
+    # a pipeline that met its targets in round 1, rerun with stricter ones: rounds 2+ are not skipped
+    run = _pipeline_dir(tmp_path)
+    summary = {"rounds": [{"round": 1}], "targets_met": True, "best_round": 1, "best_stage": "S5",
+               "final": "x", "backbone_top1": 0.8}
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert run_progress(run)["stages"][-1]["status"] == "skipped"
+    recipe_time = (run / "summary.json").stat().st_mtime_ns + 10**9
+    os.utime(run / "recipe.yaml", ns=(recipe_time, recipe_time))
+    p = run_progress(run)
+    assert p["summary"] is None and "skipped" not in [s["status"] for s in p["stages"]]
 
 
 def test_progress_cli_prints_json_and_the_table(tmp_path, capsys):
@@ -137,6 +184,11 @@ def test_progress_cli_prints_json_and_the_table(tmp_path, capsys):
     (lambda d: (d.mkdir(), (d / "recipe.yaml").write_text("rounds: [1\n")), "recipe.yaml: not valid YAML"),
     (lambda d: (d.mkdir(), (d / "recipe.yaml").write_text("rounds: 1\n"), (d / "summary.json").write_text("{")),
      "summary.json: not valid JSON"),
+    (lambda d: (d.mkdir(), (d / "recipe.yaml").write_text("rounds: 1\n"), (d / "summary.json").write_text("[]")),
+     "summary.json: expected a JSON object, found list"),
+    (lambda d: (d.mkdir(), (d / "recipe.yaml").write_text("rounds: 1\n"),
+                (d / "summary.json").write_text('{"rounds": [], "targets_met": false}')),
+     "summary.json: missing 'best_round', 'best_stage', 'final', 'backbone_top1'"),
 ])
 def test_a_bad_run_directory_is_named_with_what_is_wrong(tmp_path, capsys, setup, message):
     run = tmp_path / "run"
@@ -152,8 +204,9 @@ def test_a_reader_that_leaves_early_is_not_an_error(tmp_path):
     run = tmp_path / "s1"
     run.mkdir()
     (run / "backbone-config.json").write_text(json.dumps({"arch": "resnet20", "epochs": 4}))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a shell's buffered stdout
     proc = subprocess.Popen([sys.executable, "-m", "skipserve", "progress", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     proc.stdout.close()  # long before the child has imported enough to write
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 0 and b"Traceback" not in err, err.decode()

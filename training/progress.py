@@ -5,7 +5,9 @@ JSON), never a checkpoint, so it is safe beside a running pipeline and works on 
 A pipeline run directory (one with ``recipe.yaml``) is shown stage by stage against its recipe;
 the run directory of a stage command (train-backbone, train-gate, finetune) against its own
 config. Whether a process is still writing to the directory it cannot tell: a stage that has
-begun and not finished is "started", and the first stage not done is where a rerun resumes.
+begun and not finished is "started" (or "epochs done" when only its closing work, BN
+recalibration and the write of its output, is missing), and the first stage not done is where a
+rerun resumes.
 """
 from __future__ import annotations
 
@@ -28,9 +30,12 @@ class ProgressError(ValueError):
 class StageProgress:
     stage: str  # "S1", "S3", "S4" or "S5"
     what: str  # e.g. "backbone resnet32", "labels", "gate resnet8", "finetune"
-    status: str  # "done", "started" (begun, not finished: running or stopped), "pending", or "skipped"
+    # "done" (its output is written), "epochs done" (every epoch recorded, the output not written, or for
+    # train-gate and finetune, whose output goes to --out, not looked for), "started" (running or stopped
+    # part-way), "pending" or "skipped" (a pipeline round after the one that met the targets)
+    status: str
     round: Optional[int] = None  # pipeline round (None: S1, or a stage command's run directory)
-    epochs_done: int = 0
+    epochs_done: int = 0  # last recorded epoch + 1 (a record lost to a kill after the state was saved is not missed)
     epochs: Optional[int] = None  # None: the stage has no epochs (S3)
     last: Optional[dict] = None  # the record of the last finished epoch
     best_val_top1: Optional[float] = None  # S1 only: the best validation top-1 of any epoch so far
@@ -46,31 +51,31 @@ def run_progress(run_dir: str | Path) -> dict:
     if not run.is_dir():
         raise ProgressError(f"{run}: no such run directory")
     if (run / "recipe.yaml").exists():
-        stages, summary = _pipeline(run), _read_json(run / "summary.json")
-        kind = "pipeline"
-    else:
-        configs = sorted(run.glob("*-config.json"))
-        names = [p.name[: -len("-config.json")] for p in configs]
-        if not any(n in EPOCH_STAGES for n in names):
-            raise ProgressError(f"{run}: not a run directory: no recipe.yaml (pipeline) and no "
-                                f"{', '.join(f'{n}-config.json' for n in EPOCH_STAGES)} (stage commands)")
-        stages, summary, kind = [], None, "stage"
-        for name, path in zip(names, configs):
-            if name in EPOCH_STAGES:
-                cfg = _read_json(path)
-                what = " ".join([name, *(str(cfg[k]) for k in ("arch", "kind") if k in cfg)])  # S1's arch, S4's kind
-                stages.append(_epoch_stage(run, name, EPOCH_STAGES[name], what, cfg.get("epochs"), finished=None))
-    return {"run_dir": str(run), "kind": kind, "stages": [asdict(s) for s in stages], "summary": summary}
+        stages, summary = _pipeline(run)
+        return {"run_dir": str(run), "kind": "pipeline", "stages": [asdict(s) for s in stages], "summary": summary}
+    stages = []
+    for name, stage in EPOCH_STAGES.items():  # in stage order, should one directory hold several
+        config = run / f"{name}-config.json"
+        if config.exists():
+            cfg = _read_json(config)
+            what = " ".join([name, *(str(cfg[k]) for k in ("arch", "kind") if k in cfg)])  # S1's arch, S4's kind
+            # only train-backbone writes its output into the run directory
+            finished = (run / "backbone-summary.json").exists() if name == "backbone" else None
+            stages.append(_epoch_stage(run, name, stage, what, cfg.get("epochs"), finished=finished))
+    if not stages:
+        raise ProgressError(f"{run}: not a run directory: no recipe.yaml (pipeline) and no "
+                            f"{', '.join(f'{n}-config.json' for n in EPOCH_STAGES)} (stage commands)")
+    return {"run_dir": str(run), "kind": "stage", "stages": [asdict(s) for s in stages], "summary": None}
 
 
-def _pipeline(run: Path) -> list[StageProgress]:
+def _pipeline(run: Path) -> tuple[list[StageProgress], Optional[dict]]:
     from training.pipeline import load_recipe  # imports torch: only for pipeline directories
 
     recipe = load_recipe(run / "recipe.yaml")
     s1 = run / "s1"
     stages = [_epoch_stage(s1, "backbone", "S1", f"backbone {recipe.backbone.arch}", recipe.backbone.epochs,
                            finished=(s1 / "backbone.safetensors").exists())]
-    summary = _read_json(run / "summary.json")
+    summary = _summary(run)
     rounds_run = len(summary["rounds"]) if summary else None  # a finished pipeline stops when the targets hold
     for k in range(1, recipe.rounds + 1):
         rdir = run / f"round{k}"
@@ -84,20 +89,33 @@ def _pipeline(run: Path) -> list[StageProgress]:
                 ("gate", f"gate {recipe.gate.kind}", recipe.gate.epochs, "gated.safetensors", "eval-gated.json"),
                 ("finetune", "finetune", recipe.finetune_config(k).epochs, "model.safetensors", "eval.json")):
             stage = _epoch_stage(rdir, name, EPOCH_STAGES[name], what, epochs, finished=(rdir / output).exists())
-            stage.round, stage.eval = k, _read_json(rdir / eval_name)
+            stage.round, stage.eval = k, _read_json(rdir / eval_name, needs=("top1", "flops_ratio"))
             stages.append(stage)
-    return stages
+    return stages, summary
+
+
+def _summary(run: Path) -> Optional[dict]:
+    """The pipeline's summary.json, if it is of the run the recipe now describes: every start rewrites
+    recipe.yaml, and a rerun with more rounds must not show the old run's end as this one's."""
+    path, recipe = run / "summary.json", run / "recipe.yaml"
+    if not path.exists() or path.stat().st_mtime_ns < recipe.stat().st_mtime_ns:
+        return None
+    return _read_json(path, needs=("rounds", "targets_met", "best_round", "best_stage", "final", "backbone_top1"))
 
 
 def _epoch_stage(directory: Path, name: str, stage: str, what: str, epochs: Optional[int], *,
                  finished: Optional[bool]) -> StageProgress:
     """``finished``: whether the stage's output exists (None: judge by the epochs recorded)."""
     records = _epoch_records(directory / "metrics.jsonl", name)
-    done = len(records)
-    if finished is None:
-        finished = epochs is not None and done >= epochs
-    began = done > 0 or (directory / f"{name}-state.pt").exists()
-    status = "done" if finished else "started" if began else "pending"
+    done = records[-1]["epoch"] + 1 if records else 0
+    if finished:
+        status = "done"
+    elif epochs is not None and done >= epochs:
+        status = "epochs done"
+    elif done > 0 or (directory / f"{name}-state.pt").exists():
+        status = "started"
+    else:
+        status = "pending"
     p = StageProgress(stage, what, status, epochs_done=done, epochs=epochs, last=records[-1] if records else None)
     timed = [r["seconds"] for r in records[-TIMING_WINDOW:] if isinstance(r.get("seconds"), (int, float))]
     if timed:
@@ -130,28 +148,38 @@ def _epoch_records(path: Path, name: str) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def _read_json(path: Path, needs: tuple[str, ...] = ()) -> Optional[dict]:
+    """A JSON object (None: no such file); ``needs``: the keys it must have."""
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ProgressError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(value, dict):
+        raise ProgressError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    missing = [k for k in needs if k not in value]
+    if missing:
+        raise ProgressError(f"{path}: missing {', '.join(map(repr, missing))} (written by an older skipserve?)")
+    return value
 
 
 def format_progress(progress: dict) -> str:
     """The human-readable table ``skipserve progress`` prints."""
     lines = [f"{progress['run_dir']} ({progress['kind']})"]
-    resumes = next((i for i, s in enumerate(progress["stages"]) if s["status"] in ("started", "pending")), None)
+    # where a rerun of the pipeline picks up (a stage command's directory has no such order)
+    resumes = next((i for i, s in enumerate(progress["stages"]) if s["status"] not in ("done", "skipped")
+                    and progress["kind"] == "pipeline"), None)
     for i, s in enumerate(progress["stages"]):
         label = (f"round {s['round']} " if s["round"] else "") + f"{s['stage']} {s['what']}"
         epochs = f"{s['epochs_done']}/{s['epochs']} epochs" if s["epochs"] is not None else ""
         detail = []
         if s["best_val_top1"] is not None:
-            detail.append(f"val top-1 {s['last']['val_top1']:.4f} (best {s['best_val_top1']:.4f} at epoch "
-                          f"{s['best_epoch']})")
+            last = s["last"].get("val_top1")
+            last = f"{last:.4f}" if isinstance(last, (int, float)) else "n/a"
+            detail.append(f"val top-1 {last} (best {s['best_val_top1']:.4f} at epoch {s['best_epoch']})")
         loss = (s["last"] or {}).get("train_loss", (s["last"] or {}).get("loss"))
-        if loss is not None and s["status"] != "done":
+        if isinstance(loss, (int, float)) and s["status"] != "done":
             detail.append(f"loss {loss:.3f}")
         if s["eval"]:
             detail.append(f"output: top-1 {s['eval']['top1']:.4f} at {s['eval']['flops_ratio']:.3f} of the FLOPs")
@@ -159,7 +187,7 @@ def format_progress(progress: dict) -> str:
             detail.append(f"{s['seconds_per_epoch']:.0f} s/epoch, ~{_duration(s['eta_s'])} left")
         if i == resumes:
             detail.append("<- next")
-        lines.append(f"  {label:<26} {s['status']:<8} {epochs:<15} {'  '.join(detail)}".rstrip())
+        lines.append(f"  {label:<26} {s['status']:<11} {epochs:<15} {'  '.join(detail)}".rstrip())
     summary = progress["summary"]
     if summary:
         met = "met" if summary["targets_met"] else "not met"
