@@ -113,6 +113,24 @@ def test_stage_commands_fail_clearly_on_bad_input(image_dir, tmp_path):
     assert out.returncode == 2 and "no such recipe file" in out.stderr
 
 
+def test_label_and_finetune_use_their_device_flag_and_train_gate_offers_none(image_dir, gated_checkpoint, tmp_path, capsys):
+    from skipserve.cli import main
+
+    # the flag reaches S5's config (it used to be accepted and dropped) and S3's model: a bad one is
+    # refused before any work
+    rc = main(["finetune", "--checkpoint", str(gated_checkpoint), "--data", str(image_dir), "--device", "tpu",
+               "--out", str(tmp_path / "out.safetensors"), "--run-dir", str(tmp_path / "run")])
+    assert rc == 2 and "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'" in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()
+    rc = main(["label", "--checkpoint", str(gated_checkpoint), "--data", str(image_dir), "--device", "tpu",
+               "--out", str(tmp_path / "labels.safetensors")])
+    assert rc == 2 and "got 'tpu'" in capsys.readouterr().err and not (tmp_path / "labels.safetensors").exists()
+    with pytest.raises(SystemExit) as exit_:  # S4 always trains on the CPU
+        main(["train-gate", "--checkpoint", str(gated_checkpoint), "--labels", "x", "--gate", "mlp",
+              "--out", "y", "--device", "cpu"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --device cpu" in capsys.readouterr().err
+
+
 def test_prune_then_gate_the_pruned_backbone(image_dir, tmp_path):
     cache = tmp_path / "cache"
     s1 = skipserve("train-backbone", "--arch", "resnet20", "--data", image_dir, "--epochs", "1",
