@@ -59,8 +59,8 @@ def run_progress(run_dir: str | Path) -> dict:
         if config.exists():
             cfg = _read_json(config)
             what = " ".join([name, *(str(cfg[k]) for k in ("arch", "kind") if k in cfg)])  # S1's arch, S4's kind
-            # only train-backbone writes its output into the run directory
-            finished = (run / "backbone-summary.json").exists() if name == "backbone" else None
+            # only train-backbone writes its output into the run directory; the others write to --out
+            finished = name == "backbone" and (run / "backbone-summary.json").exists()
             stages.append(_epoch_stage(run, name, stage, what, cfg.get("epochs"), finished=finished))
     if not stages:
         raise ProgressError(f"{run}: not a run directory: no recipe.yaml (pipeline) and no "
@@ -104,8 +104,8 @@ def _summary(run: Path) -> Optional[dict]:
 
 
 def _epoch_stage(directory: Path, name: str, stage: str, what: str, epochs: Optional[int], *,
-                 finished: Optional[bool]) -> StageProgress:
-    """``finished``: whether the stage's output exists (None: judge by the epochs recorded)."""
+                 finished: bool) -> StageProgress:
+    """``finished``: the stage's output is written (False also where it is not looked for)."""
     records = _epoch_records(directory / "metrics.jsonl", name)
     done = records[-1]["epoch"] + 1 if records else 0
     if finished:
