@@ -160,6 +160,17 @@ def test_a_summary_older_than_the_recipe_is_of_an_earlier_run(tmp_path):
     assert p["summary"] is None and "skipped" not in [s["status"] for s in p["stages"]]
 
 
+def test_a_record_being_written_is_not_read_yet(tmp_path):
+    run = tmp_path / "s4"
+    run.mkdir()
+    (run / "gate-config.json").write_text(json.dumps({"kind": "mlp", "epochs": 3}))
+    _records(run / "metrics.jsonl", "gate", [{"epoch": 0, "loss": 0.5, "seconds": 4.0}])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "gate", "epoch": 1, "lo')  # the stage is appending its next record
+    (s4,) = run_progress(run)["stages"]
+    assert (s4["what"], s4["status"], s4["epochs_done"]) == ("gate mlp", "started", 1)
+
+
 def test_progress_cli_prints_json_and_the_table(tmp_path, capsys):
     run = tmp_path / "s1"
     run.mkdir()
@@ -176,7 +187,7 @@ def test_progress_cli_prints_json_and_the_table(tmp_path, capsys):
     (lambda d: None, "no such run directory"),
     (lambda d: d.mkdir(), "not a run directory: no recipe.yaml"),
     (lambda d: (d.mkdir(), (d / "gate-config.json").write_text('{"epochs": 2}'),
-                (d / "metrics.jsonl").write_text('{"stage": "gate", "epoch": 0}\n{"stage": "gate", "ep')),
+                (d / "metrics.jsonl").write_text('{"stage": "gate", "epoch": 0}\n{"stage": "gate", "ep\n{}\n')),
      "metrics.jsonl: line 2 is not JSON"),
     (lambda d: (d.mkdir(), (d / "gate-config.json").write_text('{"epochs": 2}'),
                 (d / "metrics.jsonl").write_text('{"stage": "gate", "loss": 1}\n')),

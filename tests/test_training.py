@@ -209,6 +209,8 @@ def test_a_record_without_its_state_is_dropped_on_resume(image_dir, tmp_path):
     from training.run import RunDir
 
     RunDir(tmp_path, "backbone").log({"epoch": 0, "val_top1": 0.0})  # killed after logging, before saving
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "backbone", "epoch": 1, "val_t')  # and a record torn by a kill mid-write
     train_backbone(_tiny_s1(image_dir), tmp_path)
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1] and "train_loss" in records[0]
@@ -221,8 +223,10 @@ def test_warm_restarts_restart_the_cosine_schedule():
     assert lr[39] < 0.01 and lr[40] == pytest.approx(0.01) and lr[49] == pytest.approx(0.1)  # again at 4
     assert lr[99] < 0.001 and max(lr[50:]) <= 0.1 + 1e-12
     assert lr[:40] == [backbone_stage.lr_at(BackboneConfig(epochs=4, lr=0.1), s, 10) for s in range(40)]
-    with pytest.raises(ValueError, match="restarts \\[10\\] must be epochs inside"):
+    with pytest.raises(ValueError, match="restarts \\[10\\] must be whole epochs inside"):
         train_backbone(BackboneConfig(epochs=10, restarts=[10], data="unused"), "unused")
+    with pytest.raises(ValueError, match="restarts \\[4.5\\] must be whole epochs"):  # momentum resets at epoch starts
+        train_backbone(BackboneConfig(epochs=10, restarts=[4.5], data="unused"), "unused")
 
 
 def test_resuming_with_another_config_is_refused(image_dir, tmp_path):

@@ -134,8 +134,9 @@ def bn_l1_subgradient(model: torch.nn.Module, strength: float) -> None:
 def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
     """Train (or resume) S1; returns the path of the backbone checkpoint."""
     cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))  # one run, however the path is spelled
-    if any(not 0 < r < cfg.epochs for r in cfg.restarts) or (cfg.restarts and cfg.schedule != "cosine"):
-        raise ValueError(f"restarts {cfg.restarts} must be epochs inside (0, {cfg.epochs}) of a cosine schedule")
+    if any(isinstance(r, bool) or not isinstance(r, int) or not 0 < r < cfg.epochs for r in cfg.restarts) \
+            or (cfg.restarts and cfg.schedule != "cosine"):
+        raise ValueError(f"restarts {cfg.restarts} must be whole epochs inside (0, {cfg.epochs}) of a cosine schedule")
     if not 0 <= cfg.distill <= 1:
         raise ValueError(f"distill must be in [0, 1], got {cfg.distill}")
     if not 0 <= cfg.drop_units < 1:

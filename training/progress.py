@@ -134,12 +134,16 @@ def _epoch_records(path: Path, name: str) -> list[dict]:
     if not path.exists():
         return []
     by_epoch = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
+            if n == len(lines) and not text.endswith("\n"):
+                break  # a record being written now, or torn by a kill (the stage's resume drops it)
             raise ProgressError(f"{path}: line {n} is not JSON ({err.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
             raise ProgressError(f"{path}: line {n} is not an epoch record (an object with an integer 'epoch')")

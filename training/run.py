@@ -74,14 +74,20 @@ class RunDir:
     def log(self, record: dict) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"stage": self.stage, **record}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def trim_metrics(self, keep_before_epoch: int) -> None:
-        """Drop this stage's records of epochs that will be re-run after a resume."""
+        """Drop this stage's records of epochs that will be re-run after a resume, and any line a kill
+        tore in half while it was written (the saved state, not the log, says where the run is)."""
         if not self.metrics_path.exists():
             return
         kept = []
-        for line in self.metrics_path.read_text().splitlines():
-            rec = json.loads(line)
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
             if rec.get("stage") == self.stage and rec.get("epoch", -1) >= keep_before_epoch:
                 continue
             kept.append(line)
