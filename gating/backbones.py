@@ -67,6 +67,7 @@ class ResidualUnit(nn.Module):
     """Base class: subclasses define ``residual`` and ``shortcut``."""
 
     identity_shortcut: bool = True
+    learned_shortcut: bool = False  # a shortcut with weights (torchvision's 1x1 conv + BN), not free to run twice
 
     @property
     def in_channels(self) -> int:
@@ -160,6 +161,7 @@ class TorchvisionUnit(ResidualUnit):
         super().__init__()
         self.block = block
         self.identity_shortcut = block.downsample is None
+        self.learned_shortcut = block.downsample is not None
 
     @property
     def in_channels(self) -> int:

@@ -24,9 +24,8 @@ def run_unit(unit: ResidualUnit, x: torch.Tensor, keep: torch.Tensor | list[bool
     n_keep = sum(keep)
     if n_keep == len(keep):
         return unit(x)
-    out = unit.skip(x)
     if n_keep == 0:
-        return out
+        return unit.skip(x)
     idx = torch.tensor([j for j, k in enumerate(keep) if k], device=x.device)
     # Gather and scatter along the batch, which is outermost in both layouts. A channels-last
     # tensor goes through its (N, H, W, C) view, so the subset keeps the layout the weights expect.
@@ -34,6 +33,16 @@ def run_unit(unit: ResidualUnit, x: torch.Tensor, keep: torch.Tensor | list[bool
     rows = (lambda t: t.permute(0, 2, 3, 1)) if nhwc else (lambda t: t)
     unrows = (lambda t: t.permute(0, 3, 1, 2)) if nhwc else (lambda t: t)
     y = unit(unrows(rows(x).index_select(0, idx)))  # (n_keep, C', H', W')
+    if unit.learned_shortcut:
+        # the unit ran its shortcut for the images that keep it: run it for the others alone
+        rest = torch.tensor([j for j, k in enumerate(keep) if not k], device=x.device)
+        s = unit.skip(unrows(rows(x).index_select(0, rest)))  # (B - n_keep, C', H', W')
+        fmt = torch.channels_last if nhwc else torch.contiguous_format
+        out = torch.empty((len(keep), *y.shape[1:]), dtype=y.dtype, device=y.device, memory_format=fmt)
+        rows(out).index_copy_(0, rest, rows(s))  # autograd allows this: `out` is a fresh tensor
+        rows(out).index_copy_(0, idx, rows(y))
+        return out
+    out = unit.skip(x)  # free: the input itself, or option A's strided copy padded with zeros
     if torch.is_grad_enabled():
         return unrows(rows(out).index_copy(0, idx, rows(y)))
     # No autograd graph to protect: write in place. When ``out is x`` this overwrites the
@@ -60,5 +69,5 @@ def execute(backbone: ResidualBackbone, x: torch.Tensor, keep: torch.Tensor,
         if execution == "skip":
             h = run_unit(unit, h, column)
         else:
-            h = mask_unit(unit, h, torch.tensor(column))
+            h = mask_unit(unit, h, torch.tensor(column, dtype=torch.bool))  # bool even for an empty batch
     return backbone.head(h)

@@ -140,13 +140,16 @@ def test_flops_full_equals_flop_counter_of_plain_backbone(arch):
     assert out.flops.item() == model.flops.full
 
 
+@pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("arch", ["resnet20", "resnet18"])
-def test_executed_flops_match_counter_on_the_gated_run(arch):
+def test_executed_flops_match_counter_on_the_gated_run(arch, batch):
     model = GatedModel(make_backbone(arch))
-    x = torch.zeros(1, *model.backbone.input_size)
-    keep = torch.rand(1, model.num_units, generator=torch.Generator().manual_seed(3)) < 0.5
+    x = torch.zeros(batch, *model.backbone.input_size)
+    keep = torch.rand(batch, model.num_units, generator=torch.Generator().manual_seed(3)) < 0.5
+    if batch > 1:  # every unit kept by one image and skipped by another: each runs on a subset
+        keep[0], keep[1] = True, False
     counted = count_flops(lambda: execute(model.backbone, x, keep))
-    assert model.flops.executed(keep).item() == counted
+    assert model.flops.executed(keep).sum().item() == counted
 
 
 @pytest.mark.parametrize("kind,limit", [("resnet8", 0.05), ("lstm", 0.01), ("mlp", 0.01)])
@@ -191,6 +194,33 @@ def test_inference_copy_with_folded_bn_gives_same_outputs_and_flops(arch, kind):
     assert torch.allclose(a.logits, b.logits, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="folded"):
         fast.save("unused.safetensors")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_learned_shortcut_runs_once_per_image(grad, channels_last):
+    """torchvision's down-sampling units (1x1 conv + BN shortcut): the images that keep the unit run
+    the shortcut inside it, the others alone, and the numbers are the masked reference's."""
+    from gating.executor import mask_unit, run_unit
+
+    backbone = randomize_bn(make_backbone("resnet18")).eval()
+    unit = next(u for u in backbone.units if u.learned_shortcut)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    unit = unit.to(memory_format=fmt)
+    seen = []
+    unit.block.downsample.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    x = torch.relu(torch.randn(5, unit.in_channels, 8, 8)).contiguous(memory_format=fmt).requires_grad_(grad)
+    keep = [True, False, True, True, False]
+    with torch.set_grad_enabled(grad):
+        out = run_unit(unit, x, keep)
+        assert sorted(seen) == [2, 3]  # 3 images through the unit, 2 through the shortcut alone
+        reference = mask_unit(unit, x, torch.tensor(keep))
+    assert out.is_contiguous(memory_format=fmt)
+    assert torch.allclose(out, reference, rtol=1e-5, atol=1e-5)
+    if grad:
+        (g_out,) = torch.autograd.grad(out.sum(), x)
+        (g_ref,) = torch.autograd.grad(reference.sum(), x)
+        assert torch.allclose(g_out, g_ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("grad", [False, True])
