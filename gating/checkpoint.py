@@ -88,15 +88,19 @@ class ModelCard:
             d = json.loads(text)
         except json.JSONDecodeError as err:
             raise CheckpointError(path, f"model card is not valid JSON ({err})") from err
-        if d.pop("format", None) != FORMAT:
+        if not isinstance(d, dict) or d.pop("format", None) != FORMAT:
             raise CheckpointError(path, f"not a {FORMAT} checkpoint")
         try:
-            return cls(arch=d["arch"], class_names=list(d["class_names"]), input_size=tuple(d["input_size"]),
+            card = cls(arch=d["arch"], class_names=list(d["class_names"]), input_size=tuple(d["input_size"]),
                        mean=tuple(d["mean"]), std=tuple(d["std"]), gate=d.get("gate"),
                        policy=d.get("policy") or {"name": "full"}, unit_flops=d.get("unit_flops"),
                        info=d.get("info") or {})
         except (KeyError, TypeError) as err:
             raise CheckpointError(path, f"model card lacks field {err}") from err
+        for name, value in (("gate", card.gate), ("policy", card.policy), ("arch", card.arch)):
+            if value is not None and not isinstance(value, dict):
+                raise CheckpointError(path, f"model card field {name!r} must be a mapping, not {value!r}")
+        return card
 
 
 def save_tensors(path: os.PathLike | str, tensors: dict[str, torch.Tensor], card: ModelCard) -> None:

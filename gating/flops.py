@@ -6,8 +6,9 @@ by us. Every number is per image at the backbone's input size.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -50,12 +51,25 @@ class FlopsProfile:
         return self.minimum + keep.to(torch.float64).cpu() @ self.saving()
 
 
+@contextmanager
+def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
+    """``modules`` in eval mode for a while, then every submodule back in its own mode (a caller's
+    model may be training with some parts frozen in eval: ``train(was_training)`` would undo that)."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def profile_backbone(backbone: torch.nn.Module) -> FlopsProfile:
     """Count stem, head and each unit (run and skipped) on one image of the input size."""
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        x = torch.zeros(1, *backbone.input_size, device=next(backbone.parameters()).device)
+    param = next(backbone.parameters())
+    with eval_mode(backbone):
+        x = torch.zeros(1, *backbone.input_size, device=param.device, dtype=param.dtype)
         with torch.no_grad():
             stem = count_flops(lambda: backbone.stem(x))
             h = backbone.stem(x)
@@ -65,6 +79,4 @@ def profile_backbone(backbone: torch.nn.Module) -> FlopsProfile:
                 skip.append(count_flops(lambda: unit.skip(h)))
                 h = unit(h)
             head = count_flops(lambda: backbone.head(h))
-    finally:
-        backbone.train(was_training)
     return FlopsProfile(stem, head, tuple(run), tuple(skip))

@@ -11,10 +11,10 @@ from torch import nn
 from gating.backbones import ArchSpec, ResidualBackbone, build_backbone
 from gating.checkpoint import CheckpointError, ModelCard, load_tensors, save_tensors
 from gating.executor import Execution, execute, mask_unit, run_unit
-from gating.flops import FlopsProfile, count_flops, profile_backbone
+from gating.flops import FlopsProfile, count_flops, eval_mode, profile_backbone
 from gating.fuse import fuse_bn
 from gating.gates import Gate, build_gate
-from gating.policies import Full, Policy, make_policy
+from gating.policies import Full, Policy, capped, make_policy
 
 
 @dataclass
@@ -47,18 +47,14 @@ class GatedModel(nn.Module):
 
     def _count_gate_flops(self) -> int:
         gate = self.gate
-        was_training = gate.training
-        gate.eval()
-        try:
-            x = torch.zeros(1, *self.backbone.input_size, device=next(gate.parameters()).device)
+        param = next(gate.parameters())
+        with eval_mode(gate, self.backbone):
+            x = torch.zeros(1, *self.backbone.input_size, device=param.device, dtype=param.dtype)
             if gate.upfront:
                 return count_flops(lambda: gate(x))
             with torch.no_grad():
-                self.backbone.eval()
                 features, _ = self.backbone.unit_inputs(x)
             return count_flops(lambda: gate.score_features(features))
-        finally:
-            gate.train(was_training)
 
     @property
     def num_units(self) -> int:
@@ -111,17 +107,12 @@ class GatedModel(nn.Module):
         them was a quarter of its time).
         """
         policy = policy or self.policy
-        modes = [m.training for m in (self.backbone, self.gate) if m is not None]
-        self.eval()
-        try:
+        with eval_mode(self):
             if not policy.needs_scores:
                 return torch.ones(x.shape[0], self.num_units, dtype=torch.bool)
             if self.gate is not None and self.gate.upfront:
                 return policy.decide(self.gate(x), self.flops)
             return self.forward(x, policy).keep
-        finally:
-            for m, mode in zip([m for m in (self.backbone, self.gate) if m is not None], modes):
-                m.train(mode)
 
     def _inline_pass(self, x: torch.Tensor, policy: Policy, execution: Execution) -> GatedOutput:
         gate, backbone = self.gate, self.backbone
@@ -176,10 +167,17 @@ class GatedModel(nn.Module):
             except (KeyError, ValueError, TypeError) as err:
                 raise CheckpointError(path, f"bad gate {card.gate}: {err}") from err
             _load_part(path, "gate", gate, tensors)
+        claimed = ("backbone.", "gate.") if gate is not None else ("backbone.",)
+        unclaimed = sorted(k for k in tensors if not k.startswith(claimed))
+        if unclaimed:
+            raise CheckpointError(path, f"tensors no part of the card's model claims (a gate the card lacks?): "
+                                        f"{unclaimed[:5]}")
         if policy is None:
             try:
                 policy = make_policy(card.policy["name"], card.policy.get("knob"))
-            except (KeyError, ValueError) as err:
+                if card.policy.get("cap") is not None:  # a rule saved under a FLOPs cap keeps it
+                    policy = capped(policy, card.policy["cap"])
+            except (KeyError, ValueError, TypeError) as err:
                 raise CheckpointError(path, f"bad policy {card.policy}: {err}") from err
         model = cls(backbone, gate, policy, card)
         if card.unit_flops is not None and list(model.flops.unit_run) != list(card.unit_flops):

@@ -8,6 +8,8 @@ and ``capped`` puts any rule under such a cap.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable, ClassVar, Optional
 
 import torch
@@ -68,7 +70,7 @@ class Greedy(Policy):
     name, online = "greedy", False
 
     def __init__(self, knob: float):
-        if knob is None or int(knob) != knob or knob < 0:
+        if knob is None or not math.isfinite(knob) or int(knob) != knob or knob < 0:
             raise ValueError(f"greedy needs an integer k >= 0 units to skip, got {knob!r}")
         super().__init__(int(knob))
 

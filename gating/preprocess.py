@@ -21,4 +21,4 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     """uint8 (B, 3, H, W) -> float32 (B, 3, H, W), scaled to [0, 1] then normalised per channel."""
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (images.float().div_(255) - m) / s
+    return (images.to(torch.float32) / 255 - m) / s  # not in place: a float input is the caller's

@@ -38,6 +38,42 @@ def test_round_trip_gives_identical_outputs(tmp_path, kind):
     assert loaded.card.class_names == CARD.class_names and loaded.card.unit_flops == list(model.flops.unit_run)
 
 
+def test_a_capped_rule_keeps_its_cap_through_save_and_load(tmp_path):
+    from gating.policies import capped
+
+    model = model_with("mlp")
+    model.policy = capped(make_policy("threshold", 0.1), 0.5)
+    model.save(tmp_path / "capped.safetensors")
+    loaded = GatedModel.load(tmp_path / "capped.safetensors")
+    assert loaded.policy.to_dict() == {"name": "threshold", "knob": 0.1, "cap": 0.5}
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        keep = loaded(x).keep
+        assert torch.equal(keep, model(x).keep)
+        assert not torch.equal(keep, loaded(x, make_policy("threshold", 0.1)).keep)  # the cap is in force
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda card: replace(card, gate="resnet8"), "field 'gate' must be a mapping"),
+    (lambda card: replace(card, policy="greedy"), "field 'policy' must be a mapping"),
+    (lambda card: replace(card, gate=None), "tensors no part of the card's model claims"),
+    (lambda card: replace(card, policy={"name": "greedy", "knob": float("inf")}), "bad policy"),
+])
+def test_a_malformed_card_is_a_checkpoint_error(tmp_path, change, message):
+    model = model_with("mlp")
+    tensors = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}
+    tensors.update({f"gate.{k}": v for k, v in model.gate.state_dict().items()})
+    save_tensors(tmp_path / "bad.safetensors", tensors, change(model.make_card()))
+    with pytest.raises(CheckpointError, match=message):
+        GatedModel.load(tmp_path / "bad.safetensors")
+
+
+def test_a_card_that_is_not_an_object_is_a_checkpoint_error(tmp_path):
+    save_file({"w": torch.zeros(2)}, tmp_path / "list.safetensors", metadata={"skipserve": "[1]"})
+    with pytest.raises(CheckpointError, match="not a skipserve.gated/1 checkpoint"):
+        GatedModel.load(tmp_path / "list.safetensors")
+
+
 def test_missing_empty_truncated_corrupt(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         GatedModel.load(tmp_path / "nope.safetensors")

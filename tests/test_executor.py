@@ -237,3 +237,34 @@ def test_channels_last_units_keep_their_layout_and_their_numbers(grad):
         out = run_unit(unit_cl, x.clone().contiguous(memory_format=torch.channels_last), keep)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_decide_and_gate_flops_leave_every_module_in_its_own_mode():
+    backbone = make_backbone("resnet20").train()
+    backbone.units[0].eval()  # a part the caller froze
+    modes = {n: m.training for n, m in backbone.named_modules()}
+    model = GatedModel(backbone, build_gate("mlp", backbone).train(), make_policy("threshold", 0.0))  # inline gate
+    assert {n: m.training for n, m in backbone.named_modules()} == modes  # counting the gate's FLOPs ran the backbone
+    model.training = True
+    before = {n: m.training for n, m in model.named_modules()}
+    model.decide(torch.randn(2, 3, 32, 32))
+    assert {n: m.training for n, m in model.named_modules()} == before
+
+
+def test_a_double_precision_backbone_is_profiled_in_its_own_dtype():
+    assert GatedModel(make_backbone("resnet20").double()).flops == GatedModel(make_backbone("resnet20")).flops
+
+
+def test_masked_execution_of_an_empty_batch():
+    backbone = make_backbone("resnet20").eval()
+    keep = torch.zeros(0, backbone.num_units, dtype=torch.bool)
+    with torch.no_grad():
+        assert execute(backbone, torch.zeros(0, 3, 32, 32), keep, execution="mask").shape == (0, 10)
+
+
+def test_normalize_leaves_a_float_input_alone():
+    from gating.preprocess import normalize
+
+    pixels = torch.full((1, 3, 2, 2), 200.0)
+    out = normalize(pixels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert torch.all(pixels == 200.0) and torch.allclose(out, torch.full_like(out, (200 / 255 - 0.5) / 0.25))
