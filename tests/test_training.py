@@ -382,6 +382,11 @@ def test_recalibration_estimates_bn_statistics_on_augmented_images(image_dir, ga
     got = model.backbone.stem[1].running_mean
     assert torch.allclose(got, stem_mean(x), atol=1e-4)
     assert not torch.allclose(got, stem_mean(normalize(train.images[idx])), atol=1e-2)  # clean images differ
+    # no images: refused, with the statistics left as they were (a reset without data would zero them)
+    before = model.backbone.stem[1].running_mean.clone()
+    with pytest.raises(ValueError, match="BN recalibration needs images: asked for 0 of"):
+        recalibrate_bn(model, train, images=0)
+    assert torch.equal(model.backbone.stem[1].running_mean, before)
 
 
 def test_finetune_with_cutout_trains_and_recalibrates_on_cut_images(image_dir, gated_checkpoint, tmp_path,
@@ -574,6 +579,18 @@ def test_the_final_model_is_the_best_round_not_the_last():
     ("finetune: {epochs: 3}\n", "\\[finetune\\] must set the served policy and its knob \\(or flops_target\\)"),
     ("finetune: {policy: threshold}\n", "\\[finetune\\] policy 'threshold' needs a knob or a flops_target"),
     ("finetune: {policy: random, knob: 1}\n", "\\[finetune\\] unknown policy 'random'; known: budget"),
+    # fields a later stage would refuse, hours in, refused up front
+    ("gate: {objective: rewards}\n", "\\[gate\\] unknown gate objective 'rewards'"),
+    ("gate: {kind: mlp, hyper: {depth: 3}}\n", "\\[gate\\] gate hyper \\{'depth': 3\\} does not fit a mlp gate"),
+    ("gate: {epochs: 0}\n", "\\[gate\\] gate epochs and batch_size must be >= 1"),
+    ("finetune: {amp: yes_please}\n", "\\[finetune\\] amp must be 'auto', 'on' or 'off'"),
+    ("finetune: {distill: 3}\n", "\\[finetune\\] distill must be in \\[0, 1\\], got 3"),
+    ("refine: {distill: 5}\n", "\\[refine\\] distill must be in"),
+    ("finetune: {recalibration_images: 0}\n", "\\[finetune\\] recalibration_images must be >= 1"),
+    ("label: {batch_size: 0}\n", "\\[label\\] batch_size must be >= 1"),
+    ("backbone: {val_fraction: 0}\n", "\\[backbone\\] val_fraction must be in \\(0, 1\\)"),
+    ("backbone: {amp: maybe}\n", "\\[backbone\\] amp must be"),
+    ("backbone: {arch: resnet33}\n", "\\[backbone\\] .*resnet33"),
 ])
 def test_bad_recipes_fail_before_any_work(tmp_path, text, match):
     with pytest.raises((RecipeError, ValueError), match=match):

@@ -120,6 +120,8 @@ def recalibrate_bn(model: GatedModel, data: ImageSet, *, images: int, batch_size
     recalibrated on clean images, 0.8592 on augmented ones; its S1 backbone (Cutout 16) 0.8352 on
     clean images, 0.8596 with crop and flip, 0.8778 with Cutout as well (0.8788 with S1's statistics).
     """
+    if images < 1 or len(data) == 0:
+        raise ValueError(f"BN recalibration needs images: asked for {images} of {len(data)}")
     bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
@@ -144,13 +146,26 @@ def recalibrate_bn(model: GatedModel, data: ImageSet, *, images: int, batch_size
         model.eval()
 
 
+def check_config(cfg: FinetuneConfig) -> None:
+    """Every field S5 could otherwise refuse only after its first epoch, or never (the pipeline calls
+    this before S1, for the [finetune] section and for [refine]'s)."""
+    if not 0 <= cfg.distill <= 1:
+        raise ValueError(f"distill must be in [0, 1], got {cfg.distill}")
+    if cfg.epochs < 0 or cfg.batch_size < 1:
+        raise ValueError(f"epochs must be >= 0 (0: recalibrate BN only) and batch_size >= 1, "
+                         f"got {cfg.epochs} and {cfg.batch_size}")
+    if cfg.recalibration_images < 1:
+        raise ValueError(f"recalibration_images must be >= 1 (BN statistics come from them), got {cfg.recalibration_images}")
+    check_cutout(cfg.cutout)
+    pick_device(cfg.device)
+    use_bf16(torch.device("cpu"), cfg.amp)  # refuses an unknown amp setting
+
+
 def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: str | Path, *,
              teacher: Optional[torch.nn.Module] = None) -> GatedModel:
     """Finetune ``model``'s backbone on its gate's paths. With ``cfg.distill`` > 0 the teacher is
     ``teacher`` (run in full), or else a frozen copy of the backbone as it enters S5."""
-    if not 0 <= cfg.distill <= 1:
-        raise ValueError(f"distill must be in [0, 1], got {cfg.distill}")
-    check_cutout(cfg.cutout)
+    check_config(cfg)
     check_policy(cfg, model.policy, model.gate is not None and model.gate.upfront)
     device = pick_device(cfg.device)
     run = RunDir(run_dir, "finetune")

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gating.gates import build_gate
+from gating.backbones import ResidualBackbone
+from gating.gates import Gate, build_gate
 from gating.model import GatedModel
 from training.data import ImageSet, batches, normalize
 from training.run import RunDir, epoch_generator
@@ -70,20 +71,31 @@ def gate_scores(model: GatedModel, x: torch.Tensor) -> torch.Tensor:
     return model.gate.score_features(features)
 
 
+def make_gate(cfg: GateConfig, backbone: ResidualBackbone) -> Gate:
+    """A new, untrained gate for ``backbone``, after checking the rest of ``cfg`` (the pipeline calls
+    this on a throwaway backbone before S1, so a bad [gate] section fails in seconds, not after S3)."""
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"unknown gate objective {cfg.objective!r}; use one of {OBJECTIVES}")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ValueError(f"gate epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
+    if not isinstance(cfg.hyper, dict):
+        raise ValueError(f"gate hyper must be a mapping of the gate's keyword arguments, got {cfg.hyper!r}")
+    try:
+        return build_gate(cfg.kind, backbone, **cfg.hyper)
+    except TypeError as err:
+        raise ValueError(f"gate hyper {cfg.hyper} does not fit a {cfg.kind} gate: {err}") from err
+
+
 def train_gate(model: GatedModel, train: ImageSet, imp: torch.Tensor, cfg: GateConfig,
                run_dir: str | Path) -> GatedModel:
     """Attach a new gate of ``cfg.kind`` to ``model`` (backbone fixed) and train it; resumable per epoch."""
-    if cfg.objective not in OBJECTIVES:
-        raise ValueError(f"unknown gate objective {cfg.objective!r}; use one of {OBJECTIVES}")
+    make_gate(cfg, model.backbone)  # refuse a bad config before the run directory is touched
     if imp.shape != (len(train), model.num_units):
         raise ValueError(f"labels are {tuple(imp.shape)}, expected ({len(train)}, {model.num_units})")
     run = RunDir(run_dir, "gate")
     run.check_config(cfg)
     torch.manual_seed(cfg.seed)
-    try:
-        model.gate = build_gate(cfg.kind, model.backbone, **cfg.hyper)
-    except TypeError as err:
-        raise ValueError(f"gate hyper {cfg.hyper} does not fit a {cfg.kind} gate: {err}") from err
+    model.gate = make_gate(cfg, model.backbone)
     model.refresh_flops()
     model.backbone.eval().requires_grad_(False)
     opt = torch.optim.Adam(model.gate.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

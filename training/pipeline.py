@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from gating.backbones import ArchSpec, build_backbone
 from gating.checkpoint import atomic_write_text
 from gating.gates import GATES
 from gating.model import GatedModel
@@ -31,9 +33,10 @@ from training.backbone import BackboneConfig, evaluate, load_split, train_backbo
 from training.data import check_cutout
 from training.evaluate import evaluate_gated
 from training.finetune import FinetuneConfig, check_policy, finetune, recalibrate_bn, served_policy
-from training.gate import GateConfig, train_gate
+from training.finetune import check_config as check_finetune
+from training.gate import GateConfig, make_gate, train_gate
 from training.labels import LabelConfig, label_dataset, load_labels, save_labels
-from training.run import pick_device, record_stage
+from training.run import pick_device, record_stage, use_bf16
 
 
 class RecipeError(ValueError):
@@ -113,12 +116,25 @@ def _validate(recipe: Recipe, where: str) -> None:
     if unknown:
         raise RecipeError(f"{where}: [refine] cannot set {unknown}; it may set {sorted(known)} "
                           "(every round serves the [finetune] policy and knob, or flops_target)")
-    for section, config in (("backbone", recipe.backbone), ("finetune", recipe.finetune),
-                            ("refine", recipe.finetune_config(2))):
+    # every field a later stage would refuse, refused now: not after hours of S1
+    if not 0 < recipe.backbone.val_fraction < 1:
+        raise RecipeError(f"{where}: [backbone] val_fraction must be in (0, 1): the targets are measured "
+                          f"on the validation split, got {recipe.backbone.val_fraction}")
+    if recipe.label.batch_size < 1:
+        raise RecipeError(f"{where}: [label] batch_size must be >= 1, got {recipe.label.batch_size}")
+    try:
+        check_cutout(recipe.backbone.cutout)
+        pick_device(recipe.backbone.device)
+        use_bf16(torch.device("cpu"), recipe.backbone.amp)
+        probe = build_backbone(ArchSpec(recipe.backbone.arch))  # a throwaway the [gate] section is built on
+    except (ValueError, TypeError, KeyError) as err:
+        raise RecipeError(f"{where}: [backbone] {err}") from None
+    for section, check in (("gate", lambda: make_gate(recipe.gate, probe)),
+                           ("finetune", lambda: check_finetune(recipe.finetune)),
+                           ("refine", lambda: check_finetune(recipe.finetune_config(2)))):
         try:
-            check_cutout(config.cutout)
-            pick_device(config.device)
-        except ValueError as err:
+            check()
+        except (ValueError, TypeError) as err:
             raise RecipeError(f"{where}: [{section}] {err}") from None
     served = recipe.finetune
     if served.policy is None:
