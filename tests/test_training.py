@@ -473,6 +473,17 @@ def test_pipeline_end_to_end_and_rerun_skips_finished_stages(image_dir, tmp_path
     before = (tmp_path / "run" / "round1" / "model.safetensors").stat().st_mtime_ns
     assert run_pipeline(_recipe(tmp_path, image_dir), tmp_path / "run")["rounds"][0]["top1"] == r["top1"]
     assert (tmp_path / "run" / "round1" / "model.safetensors").stat().st_mtime_ns == before
+    # a rerun may change the stopping rule, not what finished stages were made with
+    default = _recipe(tmp_path, image_dir).read_text()
+    looser = default.replace("max_top1_drop: 1.0", "max_top1_drop: 0.9")
+    assert run_pipeline(_recipe(tmp_path, image_dir, looser), tmp_path / "run")["rounds"][0]["top1"] == r["top1"]
+    for old, new, message in (
+            ("epochs: 2, batch_size: 16, channels_last", "epochs: 3, batch_size: 16, channels_last",
+             "\\[backbone\\] \\['epochs'\\] differ from the recipe .* s1/backbone-state.pt, s1/backbone.safetensors"),
+            ("distill: 0.5", "distill: 0.6", "\\[finetune\\] \\['distill'\\] differ .* round1/gated.safetensors")):
+        with pytest.raises(RecipeError, match=message):
+            run_pipeline(_recipe(tmp_path, image_dir, default.replace(old, new)), tmp_path / "run")
+    assert (tmp_path / "run" / "round1" / "model.safetensors").stat().st_mtime_ns == before
 
 
 def test_a_pipeline_with_a_flops_target_serves_its_rule_at_the_knob_set_for_its_gate(image_dir, tmp_path):

@@ -157,10 +157,41 @@ def best_round(rounds: list[dict], min_flops_saved: float) -> dict:
     return max(rounds, key=lambda r: (r["flops_saved"] >= min_flops_saved, r["top1"]))
 
 
+# what each recipe section made, by file pattern in the run directory: a section may not change once
+# its outputs exist (a rerun would reuse them as if the new recipe had made them). `rounds` and
+# `targets` may: more rounds, or another stopping rule, continue the same run.
+MADE_BY = {
+    "backbone": ("s1/backbone.safetensors", "s1/backbone-state.pt"),
+    "label": ("round*/labels.safetensors",),
+    "gate": ("round*/gated.safetensors", "round*/gate-state.pt"),
+    # S4's output is served (rule, knob) and recalibrated by [finetune]'s settings too
+    "finetune": ("round*/gated.safetensors", "round*/model.safetensors", "round*/finetune-state.pt"),
+    "refine": ("round*/model.safetensors", "round*/finetune-state.pt"),
+}
+
+
+def check_unchanged(recipe: Recipe, run: Path, where: str) -> None:
+    """Refuse a recipe whose sections differ from those ``run`` was started with, where their outputs exist."""
+    stored = run / "recipe.yaml"
+    if not stored.exists():
+        return
+    before = load_recipe(stored)
+    for section, patterns in MADE_BY.items():
+        old, new = getattr(before, section), getattr(recipe, section)
+        old, new = (old, new) if section == "refine" else (dataclasses.asdict(old), dataclasses.asdict(new))
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        made = sorted(str(p.relative_to(run)) for pattern in patterns for p in run.glob(pattern))
+        if changed and made:
+            raise RecipeError(f"{where}: [{section}] {changed} differ from the recipe {run} was started with, "
+                              f"and {', '.join(made[:3])} {'were' if len(made) > 1 else 'was'} made by it; "
+                              "use a new run directory, or delete those files to redo them")
+
+
 def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
     recipe = load_recipe(recipe_path)
     _validate(recipe, str(recipe_path))
     run = Path(run_dir)
+    check_unchanged(recipe, run, str(recipe_path))
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run / "recipe.yaml", Path(recipe_path).read_text())
 
