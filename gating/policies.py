@@ -47,6 +47,12 @@ class Policy:
         return f"{self.name}({self.knob})" if self.knob is not None else self.name
 
 
+def ascending(scores: torch.Tensor) -> torch.Tensor:
+    """(B, n) unit indices by ascending score, ties in unit order: greedy and budget skip prefixes of
+    this one ordering, so a rule under a cap (``Capped``) skips the longer of its two prefixes."""
+    return scores.argsort(dim=1, stable=True)
+
+
 @POLICIES.register("full")
 class Full(Policy):
     name, online, needs_scores, cap = "full", True, False, 1.0
@@ -79,7 +85,7 @@ class Greedy(Policy):
         if self.knob > n:
             raise ValueError(f"greedy k={self.knob} exceeds the model's {n} units")
         keep = torch.ones(b, n, dtype=torch.bool)
-        lowest = scores.detach().cpu().topk(self.knob, dim=1, largest=False).indices
+        lowest = ascending(scores.detach().cpu())[:, : self.knob]
         return keep.scatter_(1, lowest, False)
 
 
@@ -135,7 +141,7 @@ class Budget(Policy):
     def decide(self, scores, flops):
         scores = scores.detach().cpu()
         need = flops.full * (1.0 - self.knob)  # FLOPs each image must save
-        order = scores.argsort(dim=1)  # ascending: least important first
+        order = ascending(scores)  # least important first
         saving = flops.saving()[order]  # (B, n) in that order
         saved_before = saving.cumsum(1) - saving
         skip_sorted = saved_before < need - 1e-6  # still short of the target: skip this one too
@@ -208,6 +214,8 @@ def knob_for_flops(name: str, scores: torch.Tensor, flops: FlopsProfile, ratio: 
     if scores.dim() != 2 or scores.shape[1] != flops.num_units or scores.shape[0] == 0:
         raise ValueError(f"scores must be (images, {flops.num_units}) for this backbone, got {tuple(scores.shape)}")
     scores = scores.detach().cpu().double()
+    if not torch.isfinite(scores).all():
+        raise ValueError("gate scores contain NaN or infinite values: no knob can be set from them")
     values = -scores if name == "threshold" else torch.softmax(-scores, dim=1)  # keep where value <= knob
     floor = flops.minimum + gate_flops
     spare = ratio * flops.full - floor  # mean FLOPs per image left for units

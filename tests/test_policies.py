@@ -83,6 +83,16 @@ def test_a_capped_rule_trims_its_own_paths_to_the_cap(name, cap):
         assert not torch.equal(keep, own)  # the cap binds
 
 
+@pytest.mark.parametrize("k, cap", [(1, 0.8), (2, 0.8), (1, 0.5), (3, 0.9)])
+def test_under_tied_scores_a_capped_rule_skips_the_longer_prefix_not_more(k, cap):
+    scores = torch.zeros(3, 4)  # every unit tied: greedy and budget must break ties the same way
+    rule, budget = make_policy("greedy", k), make_policy("budget", cap)
+    keep = capped(rule, cap).decide(scores, PROFILE)
+    skipped = [int((~rule.decide(scores, PROFILE)).sum()), int((~budget.decide(scores, PROFILE)).sum())]
+    assert int((~keep).sum()) == max(skipped)
+    assert all(row.tolist() == sorted(row.tolist()) for row in keep.int())  # a prefix of units skipped
+
+
 def test_capping_full_or_budget_is_the_budget_rule_and_a_cap_on_a_cap_is_the_rule_under_the_new_one():
     assert capped(make_policy("full"), 0.7).to_dict() == {"name": "budget", "knob": 0.7}
     assert capped(make_policy("budget", 0.6), 0.8).knob == 0.6
@@ -137,6 +147,8 @@ def test_a_knob_for_a_flops_ratio_refuses_what_it_cannot_set():
         knob_for_flops("threshold", scores, PROFILE, 0.01)
     with pytest.raises(ValueError, match=r"scores must be \(images, 4\)"):
         knob_for_flops("threshold", torch.randn(8, 3), PROFILE, 0.5)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        knob_for_flops("threshold", torch.tensor([[0.0, float("nan"), 1.0, 2.0]]), PROFILE, 1.0)
 
 
 @pytest.mark.parametrize("name", ["threshold", "softmax"])
