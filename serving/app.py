@@ -255,19 +255,32 @@ class GatedModelServer:
 
     # ------------------------------------------------------------------ live knobs
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """``user_config`` keys: ``policy`` and ``knob`` (served rule), ``max_batch_size``, ``batch_wait_ms``."""
+        """``user_config`` keys: ``policy`` and ``knob`` (served rule), ``max_batch_size``, ``batch_wait_ms``.
+        Everything is checked before anything is applied: a rejected config changes nothing."""
         cfg = dict(user_config or {})
+        unknown = sorted(set(cfg) - {"policy", "knob", "max_batch_size", "batch_wait_ms"})
+        if unknown:
+            raise ValueError(f"unknown user_config keys {unknown}; known: policy, knob, max_batch_size, batch_wait_ms")
+        rule = None
         if "policy" in cfg or "knob" in cfg:
-            name = cfg.pop("policy", None) or self.engine.default_policy.name
-            self.engine.default_policy = make_policy(name, cfg.pop("knob", None))
+            try:  # the checks a request's own policy gets: a gate where needed, a knob the model can decide by
+                rule = self.engine.policy_for(policy=cfg.get("policy") or self.engine.default_policy.name,
+                                              alpha=cfg.get("knob"))
+            except RequestError as err:
+                raise ValueError(f"user_config policy/knob: {err}") from None
+        max_batch_size = cfg.get("max_batch_size", self.settings.max_batch_size)
+        batch_wait_ms = cfg.get("batch_wait_ms", self.settings.batch_wait_ms)
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"user_config max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        if isinstance(batch_wait_ms, bool) or not isinstance(batch_wait_ms, (int, float)) \
+                or not 0 <= batch_wait_ms < math.inf:
+            raise ValueError(f"user_config batch_wait_ms must be a number >= 0, got {batch_wait_ms!r}")
+        if rule is not None:
+            self.engine.default_policy = rule
             if self.autopilot is not None:  # the new knob is the autopilot's new baseline
                 self.autopilot = self._make_autopilot()
             self._export_budget()
-        self._apply_batching(int(cfg.pop("max_batch_size", self.settings.max_batch_size)),
-                             float(cfg.pop("batch_wait_ms", self.settings.batch_wait_ms)))
-        if cfg:
-            raise ValueError(f"unknown user_config keys {sorted(cfg)}; "
-                             "known: policy, knob, max_batch_size, batch_wait_ms")
+        self._apply_batching(max_batch_size, float(batch_wait_ms))
 
     def _make_autopilot(self) -> Optional[Autopilot]:
         if self.settings.slo_p99_ms <= 0:
@@ -464,6 +477,8 @@ class GatedModelServer:
                     payload = json.loads(body)
                 except (UnicodeDecodeError, json.JSONDecodeError) as err:
                     raise RequestError(f"malformed JSON: {err}") from None
+                except RecursionError:  # e.g. 100,000 nested '[': the parser's stack, not ours
+                    raise RequestError("malformed JSON: nested too deeply") from None
                 parsed = await asyncio.to_thread(parse_infer_request, payload, limits=self.settings.limits,
                                                  size=self.engine.input_size, mean=self.engine.mean,
                                                  std=self.engine.std)

@@ -58,17 +58,20 @@ class Engine:
         """The policy a request asks for; ``RequestError`` (400) for a bad combination or knob."""
         if budget is not None and (policy is not None or alpha is not None):
             raise RequestError("give either 'budget' or 'policy'/'alpha', not both")
+        if budget is None and policy is None and alpha is None:
+            return self.default_policy
+        name = "budget" if budget is not None else policy or self.default_policy.name
         try:
-            if budget is not None:
-                return make_policy("budget", budget)
-            if policy is None and alpha is None:
-                return self.default_policy
-            name = policy or self.default_policy.name
-            policy_ = make_policy(name, alpha)
+            policy_ = make_policy(name, budget if budget is not None else alpha)
         except (ValueError, KeyError) as err:
             raise RequestError(str(err).strip('"')) from None
         if policy_.needs_scores and self.model.gate is None:
             raise RequestError(f"policy {name!r} needs a gate, and model has none")
+        try:  # a knob only deciding shows wrong (greedy k above the unit count): refuse it here, not
+            # inside the batch, where it would fail every request batched with this one
+            policy_.decide(torch.zeros(1, self.num_units), self.model.flops)
+        except ValueError as err:
+            raise RequestError(str(err)) from None
         return policy_
 
     def pixels_to_input(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,11 @@ from serving.engine import Engine, Request, Result
 
 
 class ModelProcessError(RuntimeError):
-    pass
+    """The model process is gone, or its stream is broken: the replica must be replaced (503)."""
+
+
+class BatchError(RuntimeError):
+    """One batch failed in a model process that keeps serving: a bug on the model path (500)."""
 
 
 # Plain pickle, not Connection.send: with torch imported that would hand tensors over as shared
@@ -87,6 +91,8 @@ class ProcessEngine(Engine):
                 _send(self._conn, list(requests))
             except OSError:
                 self._break(f"model process exited (code {self._proc.poll()})")
+            except BaseException as err:  # half a message may be in the socket: no later answer can be trusted
+                self._break(f"sending a batch to the model process failed ({type(err).__name__}: {err})")
         with self._turn:
             while self._received != ticket and not self._broken:
                 self._turn.wait()
@@ -98,8 +104,8 @@ class ProcessEngine(Engine):
                 self._break(str(err))
             self._received += 1
             self._turn.notify_all()
-        if status != "ok":
-            raise ModelProcessError(f"model process failed on a batch: {payload}")
+        if status != "ok":  # the child is alive and serving: a 500 for this batch, not a restart
+            raise BatchError(f"model process failed on a batch: {payload}")
         return payload
 
     def _break(self, reason: str) -> None:

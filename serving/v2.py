@@ -94,8 +94,8 @@ def parse_infer_request(body: Any, *, limits: Limits, size: tuple[int, int], mea
         raise RequestError(f"input {name!r}: shape {shape} needs {expected} values, got {len(data)}")
 
     if datatype == "FP32":
-        if len(shape) != 4 or shape[1] != 3:
-            raise RequestError(f"FP32 input must be [N, 3, H, W], got {shape}")
+        if len(shape) != 4 or shape[1] != 3 or 0 in shape[2:]:
+            raise RequestError(f"FP32 input must be [N, 3, H, W] with H, W >= 1, got {shape}")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data):
             raise RequestError("FP32 data must be numbers")
         x = torch.tensor(data, dtype=torch.float32).view(shape)
@@ -104,8 +104,8 @@ def parse_infer_request(body: Any, *, limits: Limits, size: tuple[int, int], mea
         if tuple(shape[2:]) != tuple(size):
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
     elif datatype == "UINT8":
-        if len(shape) != 4 or shape[3] != 3:
-            raise RequestError(f"UINT8 input must be [N, H, W, 3] pixels, got {shape}")
+        if len(shape) != 4 or shape[3] != 3 or 0 in shape[1:3]:
+            raise RequestError(f"UINT8 input must be [N, H, W, 3] pixels with H, W >= 1, got {shape}")
         if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in data):
             raise RequestError("UINT8 data must be integers in [0, 255]")
         pixels = torch.tensor(data, dtype=torch.uint8).view(shape).permute(0, 3, 1, 2)

@@ -8,7 +8,8 @@ import torch
 
 from gating.policies import capped, make_policy
 from serving.engine import Engine, Request
-from serving.model_process import ModelProcessError, ProcessEngine
+from serving.images import RequestError
+from serving.model_process import BatchError, ModelProcessError, ProcessEngine
 
 
 @pytest.fixture()
@@ -67,8 +68,9 @@ def test_concurrent_callers_each_get_their_own_answers(engines):
 
 def test_a_bad_batch_fails_alone_and_the_child_keeps_serving(engines):
     remote, local = engines
-    with pytest.raises(ModelProcessError, match="failed on a batch"):
+    with pytest.raises(BatchError, match="failed on a batch") as err:  # a 500, not "restarting" (503)
         remote.run([Request(torch.zeros(2, 5, 32, 32), local.default_policy)])  # wrong channel count
+    assert not isinstance(err.value, ModelProcessError)
     assert remote.alive and remote.run([Request(_batch(0), local.default_policy)])[0].probabilities.shape == (6, 3)
 
 
@@ -92,3 +94,20 @@ def test_the_app_runs_the_model_process_unless_told_not_to(value, expected):
 
     args = {} if value is None else {"model_process": value}
     assert ServerSettings.from_args(args).model_process is expected
+
+
+def test_a_knob_the_model_cannot_decide_by_is_refused_at_the_request(gated_checkpoint, tmp_path):
+    from gating.model import GatedModel
+
+    # refused before batching: inside a batch it would fail every request batched with it
+    engine = Engine(gated_checkpoint, threads=1)
+    with pytest.raises(RequestError, match=f"greedy k=1000 exceeds the model's {engine.num_units} units"):
+        engine.policy_for(policy="greedy", alpha=1000)
+    assert engine.policy_for(policy="greedy", alpha=2).knob == 2
+    model = GatedModel.load(gated_checkpoint)
+    model.gate, model.policy = None, make_policy("full", None)
+    model.save(tmp_path / "plain.safetensors")
+    plain = Engine(tmp_path / "plain.safetensors", threads=1)  # no gate
+    with pytest.raises(RequestError, match="policy 'budget' needs a gate"):
+        plain.policy_for(budget=0.5)
+    assert plain.policy_for().name == "full"

@@ -201,6 +201,7 @@ BAD = [
     ("negative budget (v2)", "/v2/models/tiny/infer", {"json": {**v2(), "parameters": {"budget": -1}}}, 400),
     ("unknown model", "/v2/models/nope/infer", {"json": v2()}, 404),
     ("malformed JSON", "/v2/models/tiny/infer", {"content": b"{\"inputs\": [", "headers": {}}, 400),
+    ("deeply nested JSON", "/v2/models/tiny/infer", {"content": b"[" * 100_000, "headers": {}}, 400),
     ("too many elements", "/v2/models/tiny/infer", {"json": v2(shape=[65, 3, 32, 32], data=[0.0])}, 413),
 ]
 
@@ -335,3 +336,29 @@ def test_admission_counts_the_images_of_requests_still_being_read():
     replica._queued = 0
     with replica._reading_body(1000):  # a mean above the limit still lets an idle replica read
         assert replica._reading == 64
+
+
+def test_reconfigure_checks_everything_before_applying_anything(gated_checkpoint):
+    """A rejected user_config leaves the replica as it was: a half-applied one served every request
+    with a knob the model could not decide by, or batches of 0."""
+    from serving.app import GatedModelServer, ServerSettings
+    from serving.engine import Engine
+
+    cls = GatedModelServer.func_or_class  # the method alone: no Ray
+    applied = []
+    replica = SimpleNamespace(settings=ServerSettings(), engine=Engine(gated_checkpoint, threads=1), autopilot=None,
+                              _export_budget=lambda: None, _apply_batching=lambda b, w: applied.append((b, w)))
+    reconfigure = MethodType(cls.reconfigure, replica)
+    before = replica.engine.default_policy
+    for bad, message in (({"policy": "greedy", "knob": 1000}, "greedy k=1000 exceeds"),
+                         ({"policy": "fastest"}, "unknown policy"),
+                         ({"max_batch_size": 0}, "max_batch_size must be an integer >= 1, got 0"),
+                         ({"knob": 0.3, "max_batch_size": -1}, "max_batch_size must be an integer >= 1"),
+                         ({"knob": 0.3, "batch_wait_ms": -5}, "batch_wait_ms must be a number >= 0"),
+                         ({"knob": 0.3, "bogus": 1}, "unknown user_config keys \\['bogus'\\]")):
+        with pytest.raises(ValueError, match=message):
+            reconfigure(bad)
+        assert replica.engine.default_policy is before and applied == [], bad
+    reconfigure({"policy": "threshold", "knob": 0.0, "max_batch_size": 8})
+    assert replica.engine.default_policy.to_dict() == {"name": "threshold", "knob": 0.0}
+    assert applied == [(8, float(ServerSettings().batch_wait_ms))]

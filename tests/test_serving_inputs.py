@@ -115,6 +115,8 @@ GOOD = {"name": "x", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.0] 
     ({"inputs": [{**GOOD, "shape": [65, 3, 32, 32], "data": []}]}, 413, "batch of 65"),
     ({"inputs": [{**GOOD, "shape": [64, 3, 2000, 2000], "data": []}]}, 413, "exceeds the limit"),
     ({"inputs": [{**GOOD, "shape": [-1, 3, 32, 32]}]}, 400, "non-negative integers"),
+    ({"inputs": [{**GOOD, "shape": [1, 3, 0, 0], "data": []}]}, 400, "with H, W >= 1"),
+    ({"inputs": [{**GOOD, "shape": [1, 0, 0, 3], "datatype": "UINT8", "data": []}]}, 400, "with H, W >= 1"),
     ({"inputs": [GOOD], "parameters": {"budget": -0.5}}, 400, "'budget' must be in \\(0.0, 1.0\\]"),
     ({"inputs": [GOOD], "parameters": {"budget": 1.5}}, 400, "'budget' must be in"),
     ({"inputs": [GOOD], "parameters": {"budget": "half"}}, 400, "finite number"),
