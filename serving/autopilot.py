@@ -86,12 +86,17 @@ class Autopilot:
         with self._lock:
             window, self._latencies = [(t, v) for t, v in self._latencies if t >= since], []
         cfg = self.cfg
-        latency: Optional[float] = p99([v for _, v in window]) * 1e3 if len(window) >= cfg.min_samples else None
-        if queued_images > cfg.max_queue or (latency is not None and latency > cfg.high * cfg.slo_p99_ms):
+        values = [v * 1e3 for _, v in window]  # ms
+        enough = len(values) >= cfg.min_samples
+        # too few answers for a p99 may hold the budget (the slowest is not fast), never cut it; they
+        # stay as evidence, so a slow trickle of requests adds up to a p99 within the horizon
+        latency = p99(values) if enough else max(values, default=0.0)
+        if queued_images > cfg.max_queue or (enough and latency > cfg.high * cfg.slo_p99_ms):
             self.budget = max(cfg.min_budget, round(self.budget * cfg.decrease, 3))
-        elif latency is None or latency < cfg.low * cfg.slo_p99_ms:  # (and the queue is not over max_queue)
+            return self.budget  # the evidence was of the budget before: start afresh
+        if latency < cfg.low * cfg.slo_p99_ms:  # (and the queue is not over max_queue)
             self.budget = min(cfg.baseline, round(self.budget + cfg.increase, 3))
-        else:
-            with self._lock:  # in the band: keep the budget, and the recent evidence for the next period
+        if not enough or latency >= cfg.low * cfg.slo_p99_ms:
+            with self._lock:  # in the band, or too few answers yet: keep the evidence for the next period
                 self._latencies = window + self._latencies
         return self.budget

@@ -60,6 +60,21 @@ def test_a_busy_but_fast_server_gets_its_budget_back():
     assert run(pilot, 40, 20, queued=32) == 0.58
 
 
+def test_a_slow_trickle_adds_up_to_a_p99_and_cuts_the_budget(monkeypatch):
+    # regression: under min_samples answers a period, each period's latencies were thrown away, so
+    # a server answering 5 requests every 0.25 s, each 10x over the SLO, kept its budget
+    import serving.autopilot as ap
+
+    clock = [100.0]
+    monkeypatch.setattr(ap.time, "monotonic", lambda: clock[0])
+    pilot = Autopilot(AutopilotConfig(slo_p99_ms=50, min_budget=0.3, baseline=0.8, min_samples=8))
+    assert run(pilot, 500, 1, per_period=5) == 0.8  # 5 answers: no p99 yet, and the budget holds
+    assert run(pilot, 500, 1, per_period=5) < 0.8  # 10 within the horizon: over the SLO
+    fast = Autopilot(AutopilotConfig(slo_p99_ms=50, min_budget=0.3, baseline=0.8, min_samples=8))
+    fast.budget = 0.5
+    assert run(fast, 5, 1, per_period=3) > 0.5  # a few fast answers let it recover
+
+
 def test_old_latencies_expire(monkeypatch):
     # regression: samples kept while in the band outlived the overload and held the budget down
     import serving.autopilot as ap
