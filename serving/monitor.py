@@ -40,17 +40,26 @@ def _get(url: str, timeout: float = 10.0) -> bytes:
 
 
 # ---------------------------------------------------------------- raw metrics endpoint
+GAUGES = ("skipserve_budget",)  # a value per replica: kept apart (and averaged), never summed
+
+
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    """{(series name without Ray's ``ray_`` prefix, sorted label pairs): value}, skipserve series summed."""
+    """{(series name without Ray's ``ray_`` prefix, sorted label pairs): value}: counters summed over
+    replicas (and Ray's other labels), gauges kept per replica."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    return parse_scrape(_get(url).decode(), text_string_to_metric_families)
+
+
+def parse_scrape(text: str, families) -> dict[tuple[str, tuple], float]:
     out: dict[tuple[str, tuple], float] = {}
-    for family in text_string_to_metric_families(_get(url).decode()):
+    for family in families(text):
         for s in family.samples:
             name = s.name.removeprefix("ray_")
             if not name.startswith("skipserve_"):
                 continue
-            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k in ("model", "route", "status", "unit", "le")))
+            keep = (lambda k: True) if name in GAUGES else (lambda k: k in ("model", "route", "status", "unit", "le"))
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if keep(k)))
             out[(name, labels)] = out.get((name, labels), 0.0) + s.value
     return out
 

@@ -56,3 +56,21 @@ def test_a_rule_without_a_cap_shows_no_budget():
     first, second = (snap(n, 600 * n, 1000 * n, [n, n], n, {"+Inf": n}, budget=math.nan) for n in (10, 20))
     r = report_from_scrapes(first, second, seconds=1.0, source="test")
     assert r.budget is None and "budget" not in render(r)
+
+
+def test_a_gauge_of_several_replicas_is_averaged_not_summed():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serving.monitor import parse_scrape
+
+    text = "\n".join([
+        "# TYPE ray_skipserve_budget gauge",
+        'ray_skipserve_budget{model="m",ReplicaId="a",WorkerId="1"} 0.5',
+        'ray_skipserve_budget{model="m",ReplicaId="b",WorkerId="2"} 0.5',
+        "# TYPE ray_skipserve_images_total counter",
+        'ray_skipserve_images_total{model="m",ReplicaId="a"} 10',
+        'ray_skipserve_images_total{model="m",ReplicaId="b"} 30',
+    ]) + "\n"
+    values = parse_scrape(text, text_string_to_metric_families)
+    r = report_from_scrapes(values, values, seconds=1.0, source="test")
+    assert r.budget == 0.5 and r.images == 40  # counters summed over replicas, the gauge averaged
