@@ -89,13 +89,13 @@ def make_gate(cfg: GateConfig, backbone: ResidualBackbone) -> Gate:
 def train_gate(model: GatedModel, train: ImageSet, imp: torch.Tensor, cfg: GateConfig,
                run_dir: str | Path) -> GatedModel:
     """Attach a new gate of ``cfg.kind`` to ``model`` (backbone fixed) and train it; resumable per epoch."""
-    make_gate(cfg, model.backbone)  # refuse a bad config before the run directory is touched
+    torch.manual_seed(cfg.seed)
+    gate = make_gate(cfg, model.backbone)  # refuses a bad config before the run directory is touched
     if imp.shape != (len(train), model.num_units):
         raise ValueError(f"labels are {tuple(imp.shape)}, expected ({len(train)}, {model.num_units})")
     run = RunDir(run_dir, "gate")
     run.check_config(cfg)
-    torch.manual_seed(cfg.seed)
-    model.gate = make_gate(cfg, model.backbone)
+    model.gate = gate
     model.refresh_flops()
     model.backbone.eval().requires_grad_(False)
     opt = torch.optim.Adam(model.gate.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
