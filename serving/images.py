@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import struct
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -28,6 +29,7 @@ class Limits:
     max_body_bytes: int = 8 * 1024 * 1024  # whole request body
     max_pixels: int = 4096 * 4096  # per image, as declared in its header
     max_images: int = 64  # images (N) in one request
+    max_request_pixels: int = 64 * 1024 * 1024  # all images of one request together, as declared
     max_tensor_elements: int = 64 * 3 * 256 * 256  # numbers in one JSON tensor
 
 
@@ -43,6 +45,9 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
     while i + 4 <= len(data):
         if data[i] != 0xFF:
             raise RequestError("JPEG with a corrupt marker sequence")
+        if data[i + 1] == 0xFF:  # a fill byte: any number may precede a marker (ITU T.81, B.1.1.2)
+            i += 1
+            continue
         marker = data[i + 1]
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
             i += 2
@@ -81,6 +86,33 @@ def declared_size(data: bytes) -> tuple[str, int, int]:
     raise RequestError("not a JPEG, PNG or WebP image (unrecognised file signature)", status=415)
 
 
+def _checked_size(data: bytes, limits: Limits) -> tuple[str, int, int]:
+    kind, w, h = declared_size(data)
+    if w == 0 or h == 0:
+        raise RequestError(f"{kind} declares an empty {w}x{h} image")
+    if w * h > limits.max_pixels:
+        raise RequestError(f"{kind} declares {w}x{h} pixels, over the limit of {limits.max_pixels}", status=413)
+    return kind, w, h
+
+
+def check_request_pixels(images: Sequence[bytes], limits: Limits, what: str = "image") -> None:
+    """413 when the images of one request together declare more than ``max_request_pixels``, before
+    any is decoded: each may be under ``max_pixels`` and the request still cost seconds of decoding.
+    Each header is checked as ``decode_image_bytes`` checks it, naming the first bad one."""
+    total = 0
+    for i, data in enumerate(images):
+        if not data:
+            raise RequestError(f"{what} {i}: empty image body")
+        try:
+            _, w, h = _checked_size(data, limits)
+        except RequestError as err:
+            raise RequestError(f"{what} {i}: {err}", err.status) from None
+        total += w * h
+        if total > limits.max_request_pixels:
+            raise RequestError(f"{what}s 0-{i} together declare {total} pixels, over the per-request limit of "
+                               f"{limits.max_request_pixels}", status=413)
+
+
 def _animated_webp(data: bytes) -> bool:
     return data[12:16] == b"VP8X" and len(data) > 20 and bool(data[20] & 0x02)
 
@@ -114,11 +146,7 @@ def decode_image_bytes(data: bytes, limits: Limits, size: tuple[int, int]) -> to
         raise RequestError("empty image body")
     if len(data) > limits.max_body_bytes:
         raise RequestError(f"image of {len(data)} bytes exceeds the limit of {limits.max_body_bytes}", status=413)
-    kind, w, h = declared_size(data)
-    if w == 0 or h == 0:
-        raise RequestError(f"{kind} declares an empty {w}x{h} image")
-    if w * h > limits.max_pixels:
-        raise RequestError(f"{kind} declares {w}x{h} pixels, over the limit of {limits.max_pixels}", status=413)
+    kind, w, h = _checked_size(data, limits)
     try:
         if kind == "png" or (kind == "webp" and _animated_webp(data)):
             img = _decode_with_pillow(data, kind)

@@ -20,10 +20,11 @@ NAMES = {
     "skipserve_request_latency_seconds": "request latency inside the replica, body read to response",
     "skipserve_batch_size": "images per executed batch",
     "skipserve_budget": "compute budget the replica serves with now (fraction of backbone FLOPs)",
+    "skipserve_units": "residual units in the served backbone (a unit no image ran has no executed series)",
 }
 
 KINDS = {"skipserve_request_latency_seconds": "histogram", "skipserve_batch_size": "histogram",
-         "skipserve_budget": "gauge"}  # the rest are counters
+         "skipserve_budget": "gauge", "skipserve_units": "gauge"}  # the rest are counters
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 
 
@@ -55,9 +56,11 @@ class ServeMetrics:
         self.batch_size = metrics.Histogram("skipserve_batch_size", NAMES["skipserve_batch_size"],
                                             boundaries=BATCH_BOUNDS, tag_keys=("model",))
         self.budget = metrics.Gauge("skipserve_budget", NAMES["skipserve_budget"], tag_keys=("model",))
+        self.units = metrics.Gauge("skipserve_units", NAMES["skipserve_units"], tag_keys=("model",))
         for m in (self.requests, self.images, self.unit_executed, self.flops_executed, self.flops_full,
-                  self.latency, self.batch_size, self.budget):
+                  self.latency, self.batch_size, self.budget, self.units):
             m.set_default_tags({"model": model})  # a fresh dict: Ray adds its own tags to it in place
+        self.units.set(num_units)
         self._unit_tags = [{"unit": str(i)} for i in range(num_units)]
 
     def request(self, route: str, status: int, seconds: float) -> None:

@@ -40,7 +40,7 @@ def _get(url: str, timeout: float = 10.0) -> bytes:
 
 
 # ---------------------------------------------------------------- raw metrics endpoint
-GAUGES = ("skipserve_budget",)  # a value per replica: kept apart (and averaged), never summed
+GAUGES = ("skipserve_budget", "skipserve_units")  # a value per replica: kept apart (and averaged), never summed
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -112,7 +112,9 @@ def report_from_scrapes(first: dict, second: dict, seconds: float, source: str) 
     r.budget = sum(budgets) / len(budgets) if budgets else None
     units = _by(second, "skipserve_unit_executed_total", "unit")
     if r.images:
-        n = max((int(u) for u in units), default=-1) + 1
+        # a unit no image ran exports no series: the units gauge says how many there are
+        declared = [int(v) for (name, _), v in second.items() if name == "skipserve_units" and not math.isnan(v)]
+        n = max([int(u) + 1 for u in units] + declared, default=0)
         r.per_unit_skip_rate = [1 - units.get(str(i), 0.0) / r.images for i in range(n)]
     return r
 
@@ -156,7 +158,8 @@ def from_prometheus(base: str, window: str = "1m") -> Report:
     if r.images:
         rows = promql(base, "sum by (unit) (skipserve_unit_executed_total)")
         executed = {int(row["metric"]["unit"]): float(row["value"][1]) for row in rows}
-        n = max(executed, default=-1) + 1
+        declared = _scalar(base, "max(skipserve_units)")
+        n = max(max(executed, default=-1) + 1, int(declared or 0))
         r.per_unit_skip_rate = [1 - executed.get(i, 0.0) / r.images for i in range(n)]
     return r
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from gating.preprocess import normalize, resize_uint8
-from serving.images import Limits, RequestError, decode_image_bytes
+from serving.images import Limits, RequestError, check_request_pixels, decode_image_bytes
 
 DATATYPES = ("FP32", "UINT8", "BYTES")  # the input tensor types accepted
 
@@ -70,7 +70,9 @@ def parse_infer_request(body: Any, *, limits: Limits, size: tuple[int, int], mea
         raise RequestError("'inputs' must be a list holding exactly one tensor")
     spec = inputs[0]
     name, datatype, shape = spec.get("name", "input"), spec.get("datatype"), _shape(spec)
-    params = body.get("parameters") or {}
+    params = body.get("parameters")
+    if params is None:
+        params = {}
     if not isinstance(params, dict):
         raise RequestError("'parameters' must be an object")
     budget = _number(params, "budget", 0.0, 1.0, low_open=True)
@@ -113,14 +115,17 @@ def parse_infer_request(body: Any, *, limits: Limits, size: tuple[int, int], mea
     elif datatype == "BYTES":
         if len(shape) != 1:
             raise RequestError(f"BYTES input must be [N] encoded images, got {shape}")
-        images = []
+        raws = []
         for i, item in enumerate(data):
             if not isinstance(item, str):
                 raise RequestError(f"BYTES element {i} must be a base64 string")
             try:
-                raw = base64.b64decode(item, validate=True)
+                raws.append(base64.b64decode(item, validate=True))
             except (binascii.Error, ValueError):
                 raise RequestError(f"BYTES element {i} is not valid base64") from None
+        check_request_pixels(raws, limits, what="BYTES element")
+        images = []
+        for i, raw in enumerate(raws):
             try:
                 images.append(decode_image_bytes(raw, limits, size))
             except RequestError as err:

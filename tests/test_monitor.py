@@ -6,8 +6,9 @@ import pytest
 from serving.monitor import quantile_from_buckets, render, report_from_scrapes
 
 
-def snap(images, executed, full, units, requests, buckets, budget=0.6):
-    m = {("skipserve_images_total", (("model", "m"),)): images,
+def snap(images, executed, full, units, requests, buckets, budget=0.6, num_units=None):
+    m = {("skipserve_units", (("model", "m"),)): len(units) if num_units is None else num_units,
+         ("skipserve_images_total", (("model", "m"),)): images,
          ("skipserve_flops_executed_total", (("model", "m"),)): executed,
          ("skipserve_flops_full_total", (("model", "m"),)): full,
          ("skipserve_requests_total", (("model", "m"), ("route", "/v1/predict"), ("status", "200"))): requests,
@@ -41,6 +42,15 @@ def test_report_rates_and_savings_from_two_scrapes():
     assert r.budget == 0.6
     text = render(r)
     assert "50.0%" in text and "unit   2" in text
+
+
+def test_a_unit_no_image_ran_is_still_reported_as_always_skipped():
+    # the replica exports no series for a unit whose count never rose above 0; the units gauge says it exists
+    first = snap(0, 0, 0, [], 0, {}, num_units=3)
+    second = snap(10, 500, 1000, [10, 4], 10, {"+Inf": 10}, num_units=3)
+    r = report_from_scrapes(first, second, seconds=1.0, source="test")
+    assert r.per_unit_skip_rate == pytest.approx([0.0, 0.6, 1.0])
+    assert "unit   2 100.0%" in render(r)
 
 
 def test_idle_server_reports_no_savings_rather_than_nan():

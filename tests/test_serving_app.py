@@ -158,6 +158,7 @@ def test_metrics_count_what_was_served(server, model, image_dir):
     assert executed_units == units
     assert total(after, "skipserve_request_latency_seconds_count", route="/v1/predict") >= 5
     assert total(after, "skipserve_budget") == pytest.approx(0.5)
+    assert total(after, "skipserve_units") == model.num_units
     from serving.metrics import series_names
 
     exported = {name for name, _ in after}

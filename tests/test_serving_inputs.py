@@ -64,6 +64,13 @@ def test_bad_images_get_a_clear_error(data, status, match):
     assert err.value.status == status
 
 
+def test_jpeg_fill_bytes_before_a_marker_are_read_past():
+    data = jpeg()
+    padded = data[:2] + b"\xff" * 5 + data[2:]  # fill bytes (ITU T.81, B.1.1.2) before the first segment
+    assert declared_size(padded) == ("jpeg", 24, 40)
+    assert torch.equal(decode_image_bytes(padded, LIMITS, (40, 24)), decode_image_bytes(data, LIMITS, (40, 24)))
+
+
 def test_body_size_limit():
     with pytest.raises(RequestError, match="exceeds the limit") as err:
         decode_image_bytes(jpeg(), Limits(max_body_bytes=100), (32, 32))
@@ -126,8 +133,25 @@ GOOD = {"name": "x", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": [0.0] 
                   "data": [base64.b64encode(b"text").decode()]}]}, 415, "element 0: not a JPEG"),
     ({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES",
                   "data": [base64.b64encode(png_header(20000, 20000)).decode()]}]}, 413, "20000x20000"),
+    ({"inputs": [GOOD], "parameters": []}, 400, "'parameters' must be an object"),
+    ({"inputs": [GOOD], "parameters": "budget=0.5"}, 400, "'parameters' must be an object"),
 ])
 def test_malformed_v2_requests_get_a_clear_error(body, status, match):
     with pytest.raises(RequestError, match=match) as err:
         parse(body)
     assert err.value.status == status
+
+
+def test_a_request_s_images_together_are_limited_before_any_is_decoded():
+    big = base64.b64encode(png_header(3000, 3000)).decode()  # 9 Mpx each, under max_pixels; never decodable
+    body = {"inputs": [{"name": "x", "shape": [8], "datatype": "BYTES", "data": [big] * 8}]}
+    with pytest.raises(RequestError, match="elements 0-7 together declare 72000000 pixels") as err:
+        parse(body)
+    assert err.value.status == 413, "refused on the headers: decoding the first would have said 'cannot decode'"
+    small = base64.b64encode(png()).decode()  # 24x40
+    ok = parse({"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": [small] * 2}]},
+               limits=Limits(max_request_pixels=2 * 24 * 40))
+    assert ok.images.shape == (2, 3, 32, 32)
+    with pytest.raises(RequestError, match="elements 0-2 together declare 2880 pixels"):
+        parse({"inputs": [{"name": "x", "shape": [3], "datatype": "BYTES", "data": [small] * 3}]},
+              limits=Limits(max_request_pixels=2 * 24 * 40))
