@@ -7,6 +7,7 @@ research peers do, to show it saves nothing.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -59,13 +60,12 @@ def run(cfg: EngineBenchConfig) -> dict:
         repeats = cfg.repeats_b1 if batch == 1 else cfg.repeats_large
         for fraction in cfg.skip_fractions:
             draws = [random_keep(batch, n, round(fraction * n), g) for _ in range(cfg.draws)]
-            cycle = {"i": 0}
 
             def gated(execution: str):
+                calls = itertools.count()  # each execution cycles through every draw, as flops_ratio averages
+
                 def go():
-                    keep = draws[cycle["i"] % len(draws)]
-                    cycle["i"] += 1
-                    return execute(backbone, x, keep, execution)
+                    return execute(backbone, x, draws[next(calls) % len(draws)], execution)
                 return go
 
             with torch.inference_mode():

@@ -117,7 +117,9 @@ def summarise(phases: list[dict]) -> dict:
     lat = sorted(x for p in phases for x in p["latencies"])
     seconds = sum(p["seconds"] for p in phases)
     q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) >= 2 else [float("nan")] * 99
-    return {"throughput_rps": len(lat) / seconds, "p50_ms": q[49] * 1e3, "p99_ms": q[98] * 1e3,
+    if len(lat) == 1:
+        q = lat * 99  # one request is every quantile
+    return {"throughput_rps": len(lat) / seconds if seconds > 0 else 0.0, "p50_ms": q[49] * 1e3, "p99_ms": q[98] * 1e3,
             "requests": len(lat) + sum(p["errors"] for p in phases), "errors": sum(p["errors"] for p in phases),
             "phase_rps": [round(len(p["latencies"]) / p["seconds"], 2) for p in phases]}
 
@@ -154,7 +156,8 @@ def run(cfg: ServingBenchConfig) -> dict:
                                                                 content_type=ctype)))
             level = {side: summarise(p) for side, p in phases.items()}
             level["concurrency"] = c
-            level["throughput_ratio"] = level["gated"]["throughput_rps"] / level["full"]["throughput_rps"]
+            full_rps = level["full"]["throughput_rps"]  # 0 when every request failed: no ratio (NaN, null in JSON)
+            level["throughput_ratio"] = level["gated"]["throughput_rps"] / full_rps if full_rps else float("nan")
             levels.append(level)
     head = levels[-1]
     return {"benchmark": "serving", "checkpoint": cfg.checkpoint, "gated": head["gated"], "full": head["full"],

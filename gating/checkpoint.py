@@ -103,11 +103,88 @@ class ModelCard:
         return card
 
 
-def save_tensors(path: os.PathLike | str, tensors: dict[str, torch.Tensor], card: ModelCard) -> None:
+@dataclass
+class CSR:
+    """A weight as compressed sparse rows: its first dimension the rows, the rest flattened into columns."""
+    values: torch.Tensor  # (a,) the non-zero weights
+    columns: torch.Tensor  # (a,) int32: the column of each
+    row_ptr: torch.Tensor  # (n + 1,) int32: where each row starts in values
+    shape: tuple[int, ...]  # the dense weight's shape
+
+    @property
+    def numbers(self) -> int:
+        return len(self.values) + len(self.columns) + len(self.row_ptr)  # 2a + n + 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.values, self.columns, self.row_ptr))
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor) -> "CSR":
+        m = weight.detach().cpu().reshape(weight.shape[0], -1)  # (n, cols)
+        nz = m != 0
+        row_ptr = torch.zeros(m.shape[0] + 1, dtype=torch.int32)
+        row_ptr[1:] = nz.sum(1).cumsum(0)
+        return cls(m[nz].clone(), nz.nonzero()[:, 1].to(torch.int32), row_ptr, tuple(weight.shape))
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense weight; ValueError for arrays that do not describe one of ``shape``."""
+        if not self.shape or any(d < 0 for d in self.shape):
+            raise ValueError(f"bad dense shape {self.shape}")
+        rows, cols = self.shape[0], (int(torch.tensor(self.shape[1:]).prod()) if len(self.shape) > 1 else 1)
+        ptr, columns = self.row_ptr.long(), self.columns.long()
+        counts = ptr.diff() if len(ptr) else ptr
+        if (len(ptr) != rows + 1 or int(ptr[0]) != 0 or bool((counts < 0).any()) or int(ptr[-1]) != len(self.values)
+                or len(columns) != len(self.values)):
+            raise ValueError(f"row pointers do not describe {len(self.values)} values in {rows} rows")
+        if len(columns) and (int(columns.min()) < 0 or int(columns.max()) >= cols):
+            raise ValueError(f"a column index is outside 0..{cols - 1}")
+        dense = torch.zeros(rows, cols, dtype=self.values.dtype)
+        dense[torch.repeat_interleave(torch.arange(rows), counts), columns] = self.values
+        return dense.reshape(self.shape)
+
+
+_CSR_PARTS = ("csr_values", "csr_columns", "csr_row_ptr")
+
+
+def save_tensors(path: os.PathLike | str, tensors: dict[str, torch.Tensor], card: ModelCard, *,
+                 sparse: bool = False) -> None:
+    """``sparse``: each floating weight of 2+ dimensions that takes fewer bytes as CSR is stored so (a
+    magnitude-pruned model); ``load_tensors`` restores it dense."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"skipserve": card.to_json()}))
+    metadata = {"skipserve": card.to_json()}
+    if sparse:
+        shapes = {}
+        for name, t in list(tensors.items()):
+            if t.ndim >= 2 and t.is_floating_point():
+                csr = CSR.from_dense(t)
+                if csr.nbytes < t.numel() * t.element_size():
+                    del tensors[name]
+                    tensors.update(zip((f"{name}.{p}" for p in _CSR_PARTS), (csr.values, csr.columns, csr.row_ptr)))
+                    shapes[name] = list(t.shape)
+        metadata["skipserve_csr"] = json.dumps(shapes)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _dense_from_csr(path: str, tensors: dict[str, torch.Tensor], spec: str) -> None:
+    try:
+        shapes = json.loads(spec)
+        if not isinstance(shapes, dict):
+            raise ValueError("not a mapping")
+    except ValueError as err:
+        raise CheckpointError(path, f"bad CSR table in the metadata: {err}") from None
+    for name, shape in shapes.items():
+        parts = [f"{name}.{p}" for p in _CSR_PARTS]
+        missing = [p for p in parts if p not in tensors]
+        if missing:
+            raise CheckpointError(path, f"CSR weight {name!r} lacks {missing}")
+        try:
+            csr = CSR(*(tensors.pop(p) for p in parts), tuple(int(d) for d in shape))
+            tensors[name] = csr.to_dense()
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise CheckpointError(path, f"CSR weight {name!r} is corrupt: {err}") from None
 
 
 def load_tensors(path: os.PathLike | str) -> tuple[dict[str, torch.Tensor], ModelCard]:
@@ -131,6 +208,8 @@ def load_tensors(path: os.PathLike | str) -> tuple[dict[str, torch.Tensor], Mode
         raise CheckpointError(path, f"not a readable safetensors file: {err}{hint}") from err
     if "skipserve" not in meta:
         raise CheckpointError(path, "safetensors file has no skipserve model card")
+    if "skipserve_csr" in meta:
+        _dense_from_csr(path, tensors, meta["skipserve_csr"])
     return tensors, ModelCard.from_json(meta["skipserve"], path)
 
 

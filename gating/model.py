@@ -142,13 +142,14 @@ class GatedModel(nn.Module):
                        gate=None if self.gate is None else self.gate.config(),
                        policy=self.policy.to_dict(), unit_flops=list(self.flops.unit_run))
 
-    def save(self, path: os.PathLike | str) -> None:
+    def save(self, path: os.PathLike | str, *, sparse: bool = False) -> None:
+        """``sparse``: weights with enough zeros (magnitude pruning) are stored as CSR, loaded back dense."""
         if getattr(self, "inference_only", False):
             raise ValueError("this model has BN folded for inference; save the model it came from")
         tensors = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
         if self.gate is not None:
             tensors.update({f"gate.{k}": v for k, v in self.gate.state_dict().items()})
-        save_tensors(path, tensors, self.make_card())
+        save_tensors(path, tensors, self.make_card(), sparse=sparse)
 
     @classmethod
     def load(cls, path: os.PathLike | str, *, policy: Optional[Policy] = None) -> "GatedModel":

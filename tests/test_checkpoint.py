@@ -165,3 +165,50 @@ def test_shipped_names_and_paths_resolve_with_clear_errors(tmp_path):
     p = tmp_path / "m.safetensors"
     p.write_bytes(b"x")
     assert resolve_checkpoint(p) == p
+
+
+def test_sparse_weights_are_stored_as_csr_and_load_back_dense(tmp_path):
+    model = model_with(None, ("full", None))
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            if p.ndim >= 2:
+                p.mul_(torch.rand(p.shape, generator=torch.Generator().manual_seed(p.numel())) > 0.8)
+    dense, sparse = tmp_path / "dense.safetensors", tmp_path / "sparse.safetensors"
+    model.save(dense)
+    model.save(sparse, sparse=True)
+    assert os.path.getsize(sparse) < 0.6 * os.path.getsize(dense), "80% zeros: CSR is well under dense"
+    loaded = GatedModel.load(sparse)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    stored, _ = load_tensors(sparse)
+    assert set(stored) == set(load_tensors(dense)[0]), "load_tensors hides the storage: the same names, dense"
+
+
+def test_csr_of_a_small_matrix_and_corrupt_csr_files(tmp_path):
+    from gating.checkpoint import CSR
+
+    w = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [2.0, 0.0, 3.0]])
+    csr = CSR.from_dense(w)
+    assert csr.values.tolist() == [1.0, 2.0, 3.0] and csr.columns.tolist() == [1, 0, 2]
+    assert csr.row_ptr.tolist() == [0, 1, 1, 3] and csr.numbers == 2 * 3 + 3 + 1
+    assert torch.equal(csr.to_dense(), w)
+    model = model_with(None, ("full", None))
+    with torch.no_grad():
+        model.backbone.head[2].weight.zero_()[0, :3] = 1.0  # 3 non-zeros of 640
+    path = tmp_path / "s.safetensors"
+    model.save(path, sparse=True)
+    tensors, _ = load_tensors(path)  # decoded; now write the CSR parts back broken
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    name = next(k for k in raw if k.endswith(".csr_columns")).removesuffix(".csr_columns")
+    broken = dict(raw)
+    broken[f"{name}.csr_row_ptr"] = broken[f"{name}.csr_row_ptr"] + 1
+    save_file(broken, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=f"CSR weight '{name}' is corrupt: row pointers"):
+        GatedModel.load(tmp_path / "bad.safetensors")
+    del broken[f"{name}.csr_values"]
+    save_file(broken, str(tmp_path / "missing.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match="lacks"):
+        GatedModel.load(tmp_path / "missing.safetensors")

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,3 +90,89 @@ def test_allocator_settings_apply_on_glibc_and_leave_tensors_intact():
     assert keep_activations_on_heap() is applied  # idempotent
     x = torch.ones(2 << 20)  # 8 MiB: above glibc's default threshold, below ours
     assert float(x.sum()) == 2 << 20
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "engine", "--threads", "0"], "--threads: expected an integer >= 1, got '0'"),
+    (["bench", "serving", "--rounds", "0"], "--rounds: expected an integer >= 1"),
+    (["bench", "serving", "--seconds", "nan"], "--seconds: expected a finite number > 0"),
+    (["bench", "serving", "--concurrency", "4,0"], "--concurrency: expected comma-separated integers >= 1"),
+    (["bench", "finetune", "--batch", "0"], "--batch: expected an integer >= 1"),
+    (["bench", "accuracy", "--val-images", "-5"], "--val-images: expected an integer >= 1"),
+    (["bench", "prune", "--ratio", "1.5"], "--ratio: expected a number in (0, 1)"),
+    (["serve", "--min-budget", "0"], "--min-budget: expected a number in (0, 1]"),
+    (["serve", "--slo-p99-ms", "nan"], "--slo-p99-ms: expected a finite number >= 0"),
+    (["serve", "--port", "70000"], "--port: expected a port in 1-65535"),
+    (["serve", "--threads", "-1"], "--threads: expected an integer >= 1"),
+    (["train-backbone", "--epochs", "0"], "--epochs: expected an integer >= 1"),
+    (["label", "--checkpoint", "x", "--out", "y", "--val-fraction", "-0.1"], "--val-fraction: expected a number in (0, 1)"),
+    (["eval", "--data", "d", "--alpha", "inf", "--policy", "threshold"], "--alpha: expected a finite number"),
+    (["monitor", "--metrics", "u", "--watch", "0"], "--watch: expected a finite number > 0"),
+])
+def test_bad_numbers_are_refused_by_the_parser(argv, message, capsys):
+    from skipserve.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_server_benchmarks_take_no_threads_flag_they_would_ignore(capsys):
+    from skipserve.cli import main
+
+    for bench in ("serving", "autopilot", "reliability"):
+        with pytest.raises(SystemExit):
+            main(["bench", bench, "--threads", "1"])
+        assert "unrecognized arguments: --threads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--data", "nowhere", "--budget", "0.5", "--alpha", "3"], "--budget is the budget rule's knob"),
+    (["train-gate", "--checkpoint", "nowhere.safetensors", "--labels", "l", "--out", "o", "--budget", "0.5",
+      "--policy", "threshold"], "--budget sets the budget policy"),  # refused before the checkpoint is read
+    (["label", "--checkpoint", "nowhere", "--out", "."], "--out .: is a directory"),
+    (["train-backbone", "--set", "epochs=ten"], "BackboneConfig: epochs must be an integer, got 'ten'"),
+    (["train-backbone", "--set", "lr=[1"], "--set 'lr=[1': the value is not valid YAML"),
+])
+def test_bad_flags_fail_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
+    from skipserve.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_bad_yaml_config_names_its_file(tmp_path, capsys):
+    from skipserve.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1\n")
+    assert main(["train-backbone", "--config", str(bad), "--run-dir", str(tmp_path / "r")]) == 2
+    assert f"{bad}: not valid YAML" in capsys.readouterr().err
+
+
+def test_json_output_is_strict_json_with_null_for_nan():
+    from skipserve.cli import _json
+
+    text = _json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}, "e": 0.5})
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": None}, "e": 0.5}
+    assert "NaN" not in text and "Infinity" not in text
+
+
+def test_bench_engine_times_every_draw_for_each_execution(monkeypatch):
+    import benchmarks.engine as engine
+
+    seen: dict[str, set] = {"skip": set(), "mask": set()}
+    real = engine.execute
+
+    def spy(backbone, x, keep, execution):
+        seen[execution].add(tuple(keep.flatten().tolist()))
+        return real(backbone, x, keep, execution)
+
+    monkeypatch.setattr(engine, "execute", spy)
+    cfg = engine.EngineBenchConfig(arch="resnet20", threads=torch.get_num_threads(), batches=(2,),
+                                   skip_fractions=(0.5,), draws=2, repeats_large=4, heap_allocator=False)
+    engine.run(cfg)
+    assert len(seen["skip"]) == len(seen["mask"]) == 2, "gated and masked each run both draws"
+    assert seen["skip"] == seen["mask"], "on the same paths"

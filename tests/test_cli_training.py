@@ -102,10 +102,10 @@ def test_stage_commands_fail_clearly_on_bad_input(image_dir, tmp_path):
     assert out.returncode == 2 and "is a directory, not a checkpoint file" in out.stderr
     out = skipserve("eval", "--data", image_dir, "--budget", "1.5", "--checkpoint", tmp_path / "none",
                     env_cache=cache, check=False)
-    assert out.returncode == 2 and "budget must be in (0, 1], got 1.5" in out.stderr
+    assert out.returncode == 2 and "--budget: expected a number in (0, 1], got '1.5'" in out.stderr
     out = skipserve("eval", "--data", image_dir, "--cap", "0", "--checkpoint", tmp_path / "none",
                     env_cache=cache, check=False)
-    assert out.returncode == 2 and "budget must be in (0, 1], got 0.0" in out.stderr
+    assert out.returncode == 2 and "--cap: expected a number in (0, 1], got '0'" in out.stderr
     out = skipserve("eval", "--data", image_dir, "--budget", "0.5", "--cap", "0.5", "--checkpoint", tmp_path / "none",
                     env_cache=cache, check=False)
     assert out.returncode == 2 and "--budget already caps every image" in out.stderr
@@ -176,4 +176,4 @@ def test_prune_then_gate_the_pruned_backbone(image_dir, tmp_path):
     assert by["magnitude"]["csr_numbers"] < 2 * by["magnitude"]["dense_numbers"]
     bad = skipserve("prune", "--method", "l1", "--ratio", "1.2", "--checkpoint", s1, "--out", tmp_path / "x",
                     env_cache=cache, check=False)
-    assert bad.returncode == 2 and "--ratio must be in (0, 1), got 1.2" in bad.stderr
+    assert bad.returncode == 2 and "--ratio: expected a number in (0, 1), got '1.2'" in bad.stderr

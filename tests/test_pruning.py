@@ -419,6 +419,35 @@ def test_ista_removal_absorbs_beta_of_zero_gamma_channels():
         assert torch.allclose(remove_zero_gamma(backbone)(SAMPLE), out_before, atol=1e-4)
 
 
+def test_ista_removal_leaves_its_input_alone_and_keeps_a_dead_unit_s_bn2_shift():
+    from training.pruning.ista import remove_zero_gamma
+
+    backbone = make_backbone("resnet20")
+    with torch.no_grad():
+        unit = backbone.units[1]  # an identity unit whose every gamma is zero: its branch is bn2's shift alone
+        unit.bn1.weight.zero_()
+        unit.bn1.bias.fill_(-0.3)
+        before = {k: v.clone() for k, v in backbone.state_dict().items()}
+        out_before = backbone(SAMPLE)
+    pruned = remove_zero_gamma(backbone)
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items()), "the input is not changed"
+    assert pruned.spec.inner_widths[1] == 1, "one channel kept, so bn2 still adds the branch's constant"
+    with torch.no_grad():
+        assert torch.allclose(pruned(SAMPLE), out_before, atol=1e-4)
+
+
+@pytest.mark.parametrize("allocation,ratio", [("uniform", 0.97), ("sensitivity", 0.99)])
+def test_a_ratio_out_of_reach_is_refused_not_missed(allocation, ratio):
+    pruner = ChannelPruner(CRITERIA.get("l1")(), ratio, allocation=allocation)
+    with pytest.raises(ValueError, match=f"ratio {ratio} is out of reach: .* at most 0\\.[0-9]+ of this backbone"):
+        pruner.prune(make_backbone("resnet20"), SAMPLE)
+
+
+def test_magnitude_sparsity_above_the_per_layer_cap_is_refused():
+    with pytest.raises(ValueError, match="sparsity target must be in \\(0, 0.98\\]"):
+        magnitude_prune(make_backbone("resnet20"), 0.99, SAMPLE, torch.zeros(32, dtype=torch.long))
+
+
 def test_ista_training_drives_whole_channels_to_exactly_zero():
     from training.data import ImageSet
     from training.pruning.ista import IstaConfig, ista_train

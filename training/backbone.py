@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gating.backbones import ArchSpec, ResidualBackbone, build_backbone
-from gating.checkpoint import ModelCard
+from gating.checkpoint import ModelCard, load_tensors
 from gating.executor import execute
 from gating.model import GatedModel
 from training.data import CIFAR_MEAN, CIFAR_STD, ImageSet, augment, batches, check_cutout, cutout, load_image_folder, \
     normalize, split_train_val
-from training.run import RunDir, epoch_generator, pick_device, use_bf16
+from training.run import RunDir, epoch_generator, pick_device, use_bf16, weights_digest
 
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -148,7 +148,7 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, not {cfg.compile_mode!r}")
     device = pick_device(cfg.device)
     run = RunDir(run_dir, "backbone")
-    run.check_config(cfg)
+    run.check_config(cfg, {"init_weights": weights_digest(load_tensors(cfg.init)[0])} if cfg.init else None)
     train, val = load_split(cfg)
 
     torch.manual_seed(cfg.seed)

@@ -16,7 +16,7 @@ from gating.executor import execute
 from gating.model import GatedModel
 from gating.policies import Policy, knob_for_flops, make_policy
 from training.data import ImageSet, augment, batches, check_cutout, cutout, normalize
-from training.run import RunDir, epoch_generator, pick_device, use_bf16
+from training.run import RunDir, epoch_generator, pick_device, use_bf16, weights_digest
 
 
 @dataclass
@@ -169,7 +169,7 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
     check_policy(cfg, model.policy, model.gate is not None and model.gate.upfront)
     device = pick_device(cfg.device)
     run = RunDir(run_dir, "finetune")
-    run.check_config(cfg)
+    run.check_config(cfg, {"start_weights": weights_digest(model.state_dict())})  # backbone and gate
     if cfg.distill:  # a frozen copy: the teacher may be the very module being finetuned
         teacher = copy.deepcopy(teacher if teacher is not None else model.backbone).eval().requires_grad_(False)
     else:

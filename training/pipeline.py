@@ -30,6 +30,7 @@ from gating.gates import GATES
 from gating.model import GatedModel
 from gating.policies import POLICIES, Full
 from training.backbone import BackboneConfig, evaluate, load_split, train_backbone
+from training.config import typed_fields
 from training.data import check_cutout
 from training.evaluate import evaluate_gated
 from training.finetune import FinetuneConfig, check_policy, finetune, recalibrate_bn, served_policy
@@ -93,6 +94,10 @@ def _build(cls, raw: dict, where: str) -> Any:
         else:
             values[name] = value
     try:
+        values = typed_fields(cls, values, where)
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
+    try:
         return cls(**values)
     except TypeError as err:
         raise RecipeError(f"{where}: {err}") from err
@@ -116,6 +121,10 @@ def _validate(recipe: Recipe, where: str) -> None:
     if unknown:
         raise RecipeError(f"{where}: [refine] cannot set {unknown}; it may set {sorted(known)} "
                           "(every round serves the [finetune] policy and knob, or flops_target)")
+    try:
+        recipe.refine = typed_fields(FinetuneConfig, recipe.refine, f"{where} [refine]")
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
     # every field a later stage would refuse, refused now: not after hours of S1
     if not 0 < recipe.backbone.val_fraction < 1:
         raise RecipeError(f"{where}: [backbone] val_fraction must be in (0, 1): the targets are measured "

@@ -8,6 +8,7 @@ uninterrupted one exactly.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -36,13 +37,19 @@ class RunDir:
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
 
-    def check_config(self, config: Any) -> None:
-        """Write the stage config, or refuse to resume a run that was started with another one."""
+    def check_config(self, config: Any, inputs: Optional[dict[str, str]] = None) -> None:
+        """Write the stage config, or refuse to resume a run that was started with another one.
+
+        ``inputs``: digests of the weights the stage starts from (``weights_digest``), recorded beside the
+        config: a file rewritten under the same path (a pruned model under the same ``--out``) is another
+        start, and its run is not resumed from the old one's state."""
         target = self.path / f"{self.stage}-config.json"
-        text = json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)
+        text = json.dumps({**dataclasses.asdict(config), **(inputs or {})}, indent=2, sort_keys=True)
         if target.exists() and self.state_path.exists():
             old = {**_defaults(config), **json.loads(target.read_text())}  # a field added since: its default
             new = json.loads(text)
+            for key in inputs or {}:  # a run recorded before its inputs were: nothing to compare with
+                old.setdefault(key, new[key])
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if changed:
                 raise RunError(f"{self.path}: cannot resume {self.stage}: config differs in {changed}; "
@@ -95,6 +102,16 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_text(self.path / f"{self.stage}-summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and values; not a file's metadata)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _defaults(config: Any) -> dict:

@@ -13,6 +13,7 @@ beta <= 0 (then the channel contributes nothing).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -78,9 +79,13 @@ def ista_train(backbone: ResidualBackbone, train: ImageSet, cfg: IstaConfig) -> 
 
 @torch.no_grad()
 def remove_zero_gamma(backbone: ResidualBackbone, keep: list[torch.Tensor] | None = None) -> ResidualBackbone:
-    """Drop inner channels (default: those with gamma == 0), absorbing zero-gamma channels' constant output."""
+    """A copy of ``backbone`` without the inner channels not in ``keep`` (default: those with gamma == 0, one
+    kept in a unit that has no other, whose bn2 still adds its shift), absorbing zero-gamma channels'
+    constant output into bn2."""
     check_prunable(backbone)
-    keep = keep or [(u.bn1.weight != 0).nonzero().squeeze(1) for u in backbone.units]
+    backbone = copy.deepcopy(backbone)
+    keep = keep or [(u.bn1.weight != 0).nonzero().squeeze(1) if (u.bn1.weight != 0).any()
+                    else u.bn1.weight.abs().topk(1).indices for u in backbone.units]
     for unit, k in zip(backbone.units, keep):
         dropped = torch.ones(unit.bn1.num_features, dtype=torch.bool)
         dropped[k] = False

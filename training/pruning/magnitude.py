@@ -1,14 +1,14 @@
-"""Unstructured magnitude pruning (Han et al. 2015) with CSR export.
+"""Unstructured magnitude pruning (Han et al. 2015) with CSR storage.
 
 This gives sparsity, not speed: dense kernels still multiply the zeros. Per-layer
 sparsity follows a sensitivity scan (how much the loss on sample images rises when one
-layer alone is pruned), so sensitive layers keep more weights; the stored form is CSR,
-2a + n + 1 numbers for a layer with a non-zeros and n rows.
+layer alone is pruned), so sensitive layers keep more weights. ``skipserve prune``
+saves the result with ``GatedModel.save(sparse=True)``: each layer that is smaller as
+CSR (2a + n + 1 numbers for a layer with a non-zeros and n rows; int32 indices) is
+stored so, and loads back dense.
 """
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -16,6 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gating.backbones import ResidualBackbone
+from gating.checkpoint import CSR
+
+
+MAX_LAYER_SPARSITY = 0.98  # no layer loses more: a layer with no weights left would cut the network
 
 
 def prunable_layers(backbone: ResidualBackbone) -> dict[str, nn.Module]:
@@ -54,8 +58,12 @@ def allocate(sizes: dict[str, int], sens: dict[str, float], target: float,
     eps = 1e-6 + 1e-3 * max(sens.values(), default=0.0)
     weights = {n: 1.0 / (sens[n] + eps) ** 0.5 for n in sizes}
 
+    if target > MAX_LAYER_SPARSITY:
+        raise ValueError(f"sparsity {target} is out of reach: every layer keeps at least "
+                         f"{1 - MAX_LAYER_SPARSITY:.0%} of its weights (at most {MAX_LAYER_SPARSITY})")
+
     def share(n: str, c: float) -> float:
-        return max(floor.get(n, 0.0), min(0.98, c * weights[n]))
+        return max(floor.get(n, 0.0), min(MAX_LAYER_SPARSITY, c * weights[n]))
 
     lo, hi = 0.0, 10.0 / min(weights.values())
     for _ in range(60):  # bisection on a common scale factor
@@ -65,37 +73,12 @@ def allocate(sizes: dict[str, int], sens: dict[str, float], target: float,
     return {n: share(n, hi) for n in sizes}
 
 
-@dataclass
-class CSR:
-    values: torch.Tensor  # (a,) non-zero weights
-    columns: torch.Tensor  # (a,) their column indices
-    row_ptr: torch.Tensor  # (n + 1,) start of each row in values
-    shape: tuple[int, ...]  # the dense layer's weight shape
-
-    @property
-    def numbers(self) -> int:
-        return len(self.values) + len(self.columns) + len(self.row_ptr)  # 2a + n + 1
-
-    @classmethod
-    def from_dense(cls, weight: torch.Tensor) -> "CSR":
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": we only store and restore
-            warnings.simplefilter("ignore", UserWarning)
-            m = weight.detach().reshape(weight.shape[0], -1).to_sparse_csr()
-        return cls(m.values().clone(), m.col_indices().clone(), m.crow_indices().clone(), tuple(weight.shape))
-
-    def to_dense(self) -> torch.Tensor:
-        rows = self.shape[0]
-        cols = int(torch.tensor(self.shape[1:]).prod()) if len(self.shape) > 1 else 1
-        m = torch.sparse_csr_tensor(self.row_ptr, self.columns, self.values, size=(rows, cols),
-                                    check_invariants=True)
-        return m.to_dense().reshape(self.shape)
-
-
 @torch.no_grad()
 def magnitude_prune(backbone: ResidualBackbone, target: float, x: torch.Tensor, y: torch.Tensor) -> dict:
     """Zero weights in place to overall sparsity ``target``; returns masks, per-layer sparsity and CSR forms."""
-    if not 0.0 < target < 1.0:
-        raise ValueError(f"sparsity target must be in (0, 1), got {target}")
+    if not 0.0 < target <= MAX_LAYER_SPARSITY:
+        raise ValueError(f"sparsity target must be in (0, {MAX_LAYER_SPARSITY}] (no layer loses more than "
+                         f"{MAX_LAYER_SPARSITY:.0%} of its weights), got {target}")
     layers = prunable_layers(backbone)
     zeros = {n: float((m.weight == 0).float().mean()) for n, m in layers.items()}  # held by earlier steps
     sparsity = allocate({n: m.weight.numel() for n, m in layers.items()}, sensitivity(backbone, x, y), target, zeros)

@@ -65,7 +65,9 @@ class ChannelPruner:
         return [max(1, round(fraction * u.conv1.out_channels)) for u in backbone.units]
 
     def select(self, backbone: ResidualBackbone, sample: torch.Tensor | None) -> list[torch.Tensor]:
+        """The inner channels each unit keeps; ValueError when the ratio is out of this backbone's reach."""
         check_prunable(backbone)
+        self._check_reachable(backbone)
         if self.allocation == "sensitivity":
             return self._by_sensitivity(backbone, sample)
         counts = self.keep_counts(backbone)
@@ -73,6 +75,21 @@ class ChannelPruner:
         if self.criterion.scope == "uniform":
             return [s.topk(k).indices for s, k in zip(scores, counts)]
         return self._global(backbone, scores)
+
+    def _check_reachable(self, backbone: ResidualBackbone) -> None:
+        """Every unit keeps at least one inner channel (sensitivity: ``align`` of them, or none in an identity
+        unit), so only so much can go: asked for more, say so rather than prune less than asked. Below that,
+        widths come in whole channels and the FLOPs removed may differ from the ratio by a channel's share
+        in each unit (``skipserve prune`` reports the ratio reached)."""
+        profile = profile_backbone(backbone)
+        per_channel = inner_flops_per_channel(backbone, profile)
+        floor = [0 if self.allocation == "sensitivity" and u.identity_shortcut
+                 else (min(self.align, u.conv1.out_channels) if self.allocation == "sensitivity" else 1)
+                 for u in backbone.units]
+        most = sum(c * (u.conv1.out_channels - f) for c, u, f in zip(per_channel, backbone.units, floor)) / profile.full
+        if self.ratio > most + 0.005:
+            raise ValueError(f"ratio {self.ratio} is out of reach: with {self.allocation} allocation the units' inner "
+                             f"channels can remove at most {most:.3f} of this backbone's FLOPs")
 
     def _global(self, backbone, scores) -> list[torch.Tensor]:
         """One ranking over every unit: drop the lowest-scored channels until the FLOPs target is met."""
@@ -125,7 +142,7 @@ class ChannelPruner:
         pick = _knapsack(costs, flops, budget)
         if pick is None:
             raise ValueError(f"ratio {self.ratio} needs more than removing every removable unit and keeping "
-                             f"{self.align} channels in the others")
+                             f"its narrowest width ({self.align} channels, or all if fewer) in the others")
         widths = [opts[j] for opts, j in zip(options, pick)]
         return [torch.arange(w) if w == f else chosen[i, w] for i, (w, f) in enumerate(zip(widths, full))]
 

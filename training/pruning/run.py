@@ -17,7 +17,7 @@ from training.backbone import BackboneConfig, evaluate, load_split, train_backbo
 from training.data import ImageSet, normalize
 from training.pruning.criteria import CRITERIA
 from training.pruning.ista import IstaConfig, ista_train, remove_zero_gamma
-from training.pruning.magnitude import magnitude_prune
+from training.pruning.magnitude import MAX_LAYER_SPARSITY, magnitude_prune
 from training.pruning.pruner import ALLOCATIONS, ChannelPruner
 
 METHODS = CRITERIA.names() + ["ista", "magnitude"]
@@ -30,6 +30,9 @@ def validate(method: str, ratio: float, checkpoint: str, *, allocation: str = "s
         raise ValueError(f"unknown pruning method {method!r}; known: {', '.join(METHODS)}")
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"--ratio must be in (0, 1), got {ratio}")
+    if method == "magnitude" and ratio > MAX_LAYER_SPARSITY:
+        raise ValueError(f"--ratio {ratio}: magnitude pruning leaves every layer at least "
+                         f"{1 - MAX_LAYER_SPARSITY:.0%} of its weights, so at most {MAX_LAYER_SPARSITY}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown --allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
     if align < 1:
@@ -55,7 +58,7 @@ def prune_backbone(method: str, ratio: float, backbone: ResidualBackbone, train:
         result = magnitude_prune(backbone, ratio, x, y)
         report.update(sparsity=result["sparsity"], csr_numbers=result["csr_numbers"],
                       dense_numbers=result["dense_numbers"],
-                      note="unstructured sparsity: smaller in CSR storage, not faster with dense kernels")
+                      note="unstructured sparsity: stored as CSR where smaller, not faster with dense kernels")
         return backbone, report
     if method == "ista":  # ISTA-train gamma, then drop the smallest |gamma| (the zeros first) to meet the ratio
         backbone = ista_train(backbone.train(), train, IstaConfig(seed=seed))
@@ -98,6 +101,9 @@ def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out:
                      align: int = 16) -> dict:
     checkpoint = str(resolve_checkpoint(checkpoint))
     validate(method, ratio, checkpoint, allocation=allocation, align=align)
+    if finetune_epochs and Path(out).resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"--out {out} is the checkpoint being pruned: finetuning distils from it, so write "
+                         "the pruned model elsewhere")
     model = GatedModel.load(checkpoint)
     s1 = model.card.info.get("config") or {}
     cfg = BackboneConfig(data=data, val_fraction=float(s1.get("val_fraction", 0.1)),
@@ -117,9 +123,10 @@ def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out:
     elif finetune_epochs:
         result = finetune_pruned(result, cfg, finetune_epochs, out, run_dir, seed, teacher=checkpoint)
         report["top1_after_finetune"] = evaluate(result.backbone, val)
-        result.card.info = {**result.card.info, "pruned": report}
-    result.save(out)
-    report["params"] = sum(p.numel() for p in pruned.parameters())
+    report["params"] = sum(p.numel() for p in result.backbone.parameters())
     report["flops"] = result.flops.full
     report["flops_ratio"] = report["flops"] / model.flops.full
+    result.card.info = {**result.card.info, "pruned": report}
+    result.save(out, sparse=method == "magnitude")
+    report["file_bytes"] = Path(out).stat().st_size
     return report
