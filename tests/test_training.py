@@ -440,6 +440,25 @@ targets: {{min_flops_saved: 0.3, max_top1_drop: 1.0}}
     return path
 
 
+def test_a_pipeline_killed_in_s5_resumes_its_s5_from_the_saved_epoch(image_dir, tmp_path, monkeypatch):
+    # S5 records a digest of the model it starts from; the first run starts from S4's model in memory and the
+    # resumed one from S4's saved checkpoint, which must be the same weights, or the resume is refused
+    import training.finetune as finetune_stage
+
+    recipe = _recipe(tmp_path, image_dir)
+    recipe.write_text(recipe.read_text().replace("epochs: 1, batch_size: 16, recalibration_images",
+                                                 "epochs: 2, batch_size: 16, recalibration_images"))
+    with pytest.raises(KeyboardInterrupt), killed_mid_epoch_two(monkeypatch, finetune_stage):
+        run_pipeline(recipe, tmp_path / "run")
+    metrics = tmp_path / "run" / "round1" / "metrics.jsonl"
+    s5_epochs = lambda: [r["epoch"] for r in map(json.loads, metrics.read_text().splitlines())  # noqa: E731
+                         if r.get("stage") == "finetune"]
+    assert s5_epochs() == [0]
+    summary = run_pipeline(recipe, tmp_path / "run")
+    assert s5_epochs() == [0, 1], "epoch 0 was not run again"
+    assert GatedModel.load(summary["final"]).num_units == 9
+
+
 def test_pipeline_end_to_end_and_rerun_skips_finished_stages(image_dir, tmp_path):
     summary = run_pipeline(_recipe(tmp_path, image_dir), tmp_path / "run")
     r = summary["rounds"][0]

@@ -134,6 +134,8 @@ def bn_l1_subgradient(model: torch.nn.Module, strength: float) -> None:
 def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
     """Train (or resume) S1; returns the path of the backbone checkpoint."""
     cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))  # one run, however the path is spelled
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
     if any(isinstance(r, bool) or not isinstance(r, int) or not 0 < r < cfg.epochs for r in cfg.restarts) \
             or (cfg.restarts and cfg.schedule != "cosine"):
         raise ValueError(f"restarts {cfg.restarts} must be whole epochs inside (0, {cfg.epochs}) of a cosine schedule")
