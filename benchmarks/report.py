@@ -225,7 +225,13 @@ def replot(out: str | Path) -> dict:
     path = out / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results.json to replot; run `skipserve bench report --out {out}` first")
-    results = json.loads(path.read_text())
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not JSON ({err})") from None
+    missing = [k for k in ("accuracy", "engine", "labels", "profile") if not isinstance(results, dict) or k not in results]
+    if missing:
+        raise ValueError(f"{path}: not a `skipserve bench report` results file (missing {missing})")
     results["replotted_at_commit"] = machine_info()["commit"]
     return write(results, out)
 

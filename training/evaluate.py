@@ -13,6 +13,8 @@ from training.data import ImageSet, batches, normalize
 @torch.inference_mode()
 def evaluate_gated(model: GatedModel, data: ImageSet, policy: Optional[Policy] = None, *,
                    batch_size: int = 250) -> dict:
+    if len(data) == 0:
+        raise ValueError("no images to evaluate (an empty split or folder)")
     model.eval()
     n, correct, correct_full = len(data), 0, 0
     flops, keeps = [], []
