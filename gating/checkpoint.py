@@ -158,7 +158,7 @@ def save_tensors(path: os.PathLike | str, tensors: dict[str, torch.Tensor], card
     if sparse:
         shapes = {}
         for name, t in list(tensors.items()):
-            if t.ndim >= 2 and t.is_floating_point():
+            if t.ndim >= 2 and t.numel() and t.is_floating_point():
                 csr = CSR.from_dense(t)
                 if csr.nbytes < t.numel() * t.element_size():
                     del tensors[name]

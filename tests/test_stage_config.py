@@ -56,3 +56,13 @@ def test_a_run_resumes_only_from_the_same_start_weights(tmp_path):
     old.check_config(cfg)  # recorded before start weights were
     old.save_state({"epoch": 1})
     old.check_config(cfg, {"init_weights": a})
+
+
+def test_amp_off_as_yaml_reads_it_stays_accepted_and_a_stored_refine_compares_equal(tmp_path):
+    from training.pipeline import load_recipe
+
+    assert typed_fields(BackboneConfig, {"amp": False}, "S1") == {"amp": False}  # `amp: off` in YAML 1.1
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("backbone: {arch: resnet20, amp: off}\nrefine: {epochs: 6, lr: 5e-3}\n")
+    loaded = load_recipe(recipe)
+    assert loaded.backbone.amp is False and loaded.refine == {"epochs": 6, "lr": 0.005}

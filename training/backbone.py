@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ class BackboneConfig:
     seed: int = 0
     device: str = "auto"  # "auto" = the accelerator when present
     channels_last: bool = True  # faster convolutions on CPU and GPU
-    amp: str = "auto"  # bf16 autocast: "auto" = where the hardware has native bf16 (CUDA, AMX/AVX512-BF16 CPUs)
+    amp: Union[str, bool] = "auto"  # YAML reads on/off as true/false; bf16 autocast: "auto" = where the hardware has native bf16 (CUDA, AMX/AVX512-BF16 CPUs)
     compile: bool = False  # torch.compile the training forward (~40 s to compile, ~1.3x faster steps on CPU)
     # torch.compile mode: "reduce-overhead" replays CUDA graphs, which a GPU needs for CIFAR ResNets, whose
     # steps are bound by kernel launches (ResNet-56, batch 256, H200: 18 ms a step eager, 6.5 ms graphed)

@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ class FinetuneConfig:
     cutout: int = 0  # Cutout square side in S5's training images and its BN recalibration (0 = crop and flip only)
     distill: float = 0.0  # weight of distillation from the full-path teacher (0 = plain cross-entropy)
     temperature: float = 4.0  # softens teacher and student logits for distillation
-    amp: str = "auto"  # bf16 autocast, as in S1
+    amp: Union[str, bool] = "auto"  # YAML reads on/off as true/false; bf16 autocast, as in S1
     device: str = "auto"  # "auto" = the accelerator when present; the model comes back on the CPU
     channels_last: bool = True  # as in S1: S5 steps 1.35x faster on the 2-core Xeon (skipserve bench finetune)
     seed: int = 0

@@ -76,7 +76,13 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: expected a mapping with sections {[f.name for f in dataclasses.fields(Recipe)]}")
-    return _build(Recipe, raw, f"{path}")
+    recipe = _build(Recipe, raw, f"{path}")
+    if isinstance(recipe.refine, dict):  # [finetune] fields, typed as there (a stored recipe compares equal)
+        try:
+            recipe.refine = typed_fields(FinetuneConfig, recipe.refine, f"{path} [refine]")
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
+    return recipe
 
 
 def _build(cls, raw: dict, where: str) -> Any:
@@ -121,10 +127,6 @@ def _validate(recipe: Recipe, where: str) -> None:
     if unknown:
         raise RecipeError(f"{where}: [refine] cannot set {unknown}; it may set {sorted(known)} "
                           "(every round serves the [finetune] policy and knob, or flops_target)")
-    try:
-        recipe.refine = typed_fields(FinetuneConfig, recipe.refine, f"{where} [refine]")
-    except ValueError as err:
-        raise RecipeError(str(err)) from None
     # every field a later stage would refuse, refused now: not after hours of S1
     if not 0 < recipe.backbone.val_fraction < 1:
         raise RecipeError(f"{where}: [backbone] val_fraction must be in (0, 1): the targets are measured "

@@ -138,7 +138,7 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def use_bf16(device: torch.device, amp: str = "auto") -> bool:
+def use_bf16(device: torch.device, amp: "str | bool" = "auto") -> bool:
     """Whether to train under bf16 autocast: "auto" means where the hardware computes bf16 natively
     (CUDA, or a CPU with AVX512-BF16/AMX, where oneDNN runs bf16 convolutions about 1.9x faster)."""
     if isinstance(amp, bool):  # YAML 1.1 reads a bare on/off (a recipe's `amp: off`, `--set amp=off`) as a bool

@@ -67,7 +67,7 @@ class ChannelPruner:
     def select(self, backbone: ResidualBackbone, sample: torch.Tensor | None) -> list[torch.Tensor]:
         """The inner channels each unit keeps; ValueError when the ratio is out of this backbone's reach."""
         check_prunable(backbone)
-        self._check_reachable(backbone)
+        self.check_reachable(backbone)
         if self.allocation == "sensitivity":
             return self._by_sensitivity(backbone, sample)
         counts = self.keep_counts(backbone)
@@ -76,7 +76,7 @@ class ChannelPruner:
             return [s.topk(k).indices for s, k in zip(scores, counts)]
         return self._global(backbone, scores)
 
-    def _check_reachable(self, backbone: ResidualBackbone) -> None:
+    def check_reachable(self, backbone: ResidualBackbone) -> None:
         """Every unit keeps at least one inner channel (sensitivity: ``align`` of them, or none in an identity
         unit), so only so much can go: asked for more, say so rather than prune less than asked. Below that,
         widths come in whole channels and the FLOPs removed may differ from the ratio by a channel's share

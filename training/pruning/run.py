@@ -14,6 +14,7 @@ from gating.backbones import ResidualBackbone
 from gating.model import GatedModel
 from gating.zoo import resolve_checkpoint
 from training.backbone import BackboneConfig, evaluate, load_split, train_backbone
+from training.run import RunError
 from training.data import ImageSet, normalize
 from training.pruning.criteria import CRITERIA
 from training.pruning.ista import IstaConfig, ista_train, remove_zero_gamma
@@ -61,9 +62,11 @@ def prune_backbone(method: str, ratio: float, backbone: ResidualBackbone, train:
                       note="unstructured sparsity: stored as CSR where smaller, not faster with dense kernels")
         return backbone, report
     if method == "ista":  # ISTA-train gamma, then drop the smallest |gamma| (the zeros first) to meet the ratio
+        pruner = ChannelPruner(CRITERIA.get("slimming")(), ratio, stages=stages, allocation=allocation, align=align)
+        if not stages:
+            pruner.check_reachable(backbone)  # before the training, not after it
         backbone = ista_train(backbone.train(), train, IstaConfig(seed=seed))
         report["zero_gamma_channels"] = sum(int((u.bn1.weight == 0).sum()) for u in backbone.units)
-        pruner = ChannelPruner(CRITERIA.get("slimming")(), ratio, stages=stages, allocation=allocation, align=align)
         if stages:
             backbone, pruner = pruner.thin_stages(backbone, x)
         return remove_zero_gamma(backbone, pruner.select(backbone, x)), report
@@ -102,8 +105,8 @@ def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out:
     checkpoint = str(resolve_checkpoint(checkpoint))
     validate(method, ratio, checkpoint, allocation=allocation, align=align)
     if finetune_epochs and Path(out).resolve() == Path(checkpoint).resolve():
-        raise ValueError(f"--out {out} is the checkpoint being pruned: finetuning distils from it, so write "
-                         "the pruned model elsewhere")
+        raise ValueError(f"--out {out} is the checkpoint being pruned: finetuning writes the pruned model there "
+                         "first and (channel methods) distils from the original; write it elsewhere")
     model = GatedModel.load(checkpoint)
     s1 = model.card.info.get("config") or {}
     cfg = BackboneConfig(data=data, val_fraction=float(s1.get("val_fraction", 0.1)),
@@ -116,13 +119,18 @@ def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out:
               **report, "seconds": time.perf_counter() - t0, "top1_before_finetune": evaluate(pruned, val)}
     result = GatedModel(pruned, card=replace(model.card, info={**model.card.info, "pruned": report}))
     run_dir = run_dir or str(Path(out).with_suffix("")) + "-finetune"
-    if finetune_epochs and method == "magnitude":
-        result, report_final = iterative_magnitude(model, ratio, train, cfg, finetune_epochs, out, run_dir, seed=seed)
-        report.update(report_final, top1_after_finetune=evaluate(result.backbone, val))
-        result.card.info = {**result.card.info, "pruned": report}
-    elif finetune_epochs:
-        result = finetune_pruned(result, cfg, finetune_epochs, out, run_dir, seed, teacher=checkpoint)
-        report["top1_after_finetune"] = evaluate(result.backbone, val)
+    try:
+        if finetune_epochs and method == "magnitude":
+            result, report_final = iterative_magnitude(model, ratio, train, cfg, finetune_epochs, out, run_dir,
+                                                       seed=seed)
+            report.update(report_final, top1_after_finetune=evaluate(result.backbone, val))
+        elif finetune_epochs:
+            result = finetune_pruned(result, cfg, finetune_epochs, out, run_dir, seed, teacher=checkpoint)
+            report["top1_after_finetune"] = evaluate(result.backbone, val)
+    except RunError as err:
+        raise RunError(f"{err}. {run_dir} is the finetuning run of --out {out}, left by an earlier "
+                       "`skipserve prune` with other settings or other pruned weights: delete it, or write to "
+                       "another --out") from None
     report["params"] = sum(p.numel() for p in result.backbone.parameters())
     report["flops"] = result.flops.full
     report["flops_ratio"] = report["flops"] / model.flops.full
