@@ -18,7 +18,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -28,7 +27,8 @@ from gating.model import GatedModel
 from gating.runtime import keep_activations_on_heap
 from gating.zoo import resolve_checkpoint
 from training.backbone import BackboneConfig, evaluate, load_split
-from training.pruning.run import METHODS, finetune_pruned, iterative_magnitude, prune_backbone, validate
+from training.data import card_split
+from training.pruning.run import METHODS, finetune_after_pruning, prune_backbone, validate
 
 
 @dataclass
@@ -115,9 +115,8 @@ def run(cfg: PruneBenchConfig) -> dict:
         if method != "torch-pruning":
             validate(method, cfg.ratio, path, allocation=cfg.allocation, align=cfg.align)  # fail before any work
     model = GatedModel.load(path)
-    s1 = model.card.info.get("config") or {}
-    data_cfg = BackboneConfig(data=cfg.data, val_fraction=float(s1.get("val_fraction", 0.1)),
-                              split_seed=int(s1.get("split_seed", 0)))
+    fraction, split_seed = card_split(model.card)
+    data_cfg = BackboneConfig(data=cfg.data, val_fraction=fraction, split_seed=split_seed)
     train, val = load_split(data_cfg)
     base = model.backbone.eval()
     base_params = sum(p.numel() for p in base.parameters())
@@ -138,17 +137,13 @@ def run(cfg: PruneBenchConfig) -> dict:
                      "seconds": round(seconds, 2), "top1_before_finetune": evaluate(pruned, val), **extra}
             if method != "magnitude":
                 to_time[method] = pruned
-            if cfg.finetune_epochs and method == "magnitude":
-                tuned, final = iterative_magnitude(model, cfg.ratio, train, data_cfg, cfg.finetune_epochs,
-                                                   str(Path(tmp) / "magnitude.safetensors"),
-                                                   str(Path(tmp) / "magnitude-ft"), seed=cfg.seed)
-                entry.update(sparsity=final["sparsity"], csr_numbers=final["csr_numbers"],
+            if cfg.finetune_epochs:
+                tuned, final = finetune_after_pruning(
+                    method, model, pruned_model, cfg.ratio, train, replace(data_cfg, channels_last=True),
+                    cfg.finetune_epochs, str(Path(tmp) / f"{method}.safetensors"), str(Path(tmp) / f"{method}-ft"),
+                    seed=cfg.seed, teacher=str(path))
+                entry.update({k: final[k] for k in ("sparsity", "csr_numbers") if k in final},
                              top1_after_finetune=evaluate(tuned.backbone, val))
-            elif cfg.finetune_epochs:
-                tuned = finetune_pruned(pruned_model, replace(data_cfg, channels_last=True), cfg.finetune_epochs,
-                                        str(Path(tmp) / f"{method}.safetensors"), str(Path(tmp) / f"{method}-ft"),
-                                        cfg.seed, teacher=str(path))
-                entry["top1_after_finetune"] = evaluate(tuned.backbone, val)
             results.append(entry)
     timed = speedups(base, to_time, cfg)
     for entry in results:

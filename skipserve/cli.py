@@ -147,23 +147,21 @@ def _training_split(args: argparse.Namespace, model):
     """The training images of the split the checkpoint's backbone was trained on (fraction and seed from
     its card, unless --val-fraction/--split-seed say otherwise): S3-S5 never see its validation images."""
     from training.backbone import BackboneConfig, load_split
+    from training.data import card_split
 
-    s1 = (model.card.info.get("config") or {}) if model.card else {}
-    fraction = args.val_fraction if args.val_fraction is not None else float(s1.get("val_fraction", 0.1))
-    seed = args.split_seed if args.split_seed is not None else int(s1.get("split_seed", 0))
+    fraction, seed = card_split(model.card, args.val_fraction, args.split_seed)
     train, _ = load_split(BackboneConfig(data=args.data, val_fraction=fraction, split_seed=seed))
     return train
 
 
 def _split_of(data, args: argparse.Namespace, model):
     """all images, or the train/val split the model was trained with (seed and fraction from its card)."""
-    from training.data import split_train_val
+    from training.data import card_split, split_train_val
 
     if args.split == "all":
         return data
-    s1 = (model.card.info.get("config") or {}) if model.card else {}
-    train, val = split_train_val(data, val_fraction=float(s1.get("val_fraction", 0.1)),
-                                 seed=int(s1.get("split_seed", 0)))
+    fraction, seed = card_split(model.card)
+    train, val = split_train_val(data, val_fraction=fraction, seed=seed)
     return val if args.split == "val" else train
 
 

@@ -153,6 +153,15 @@ def load_image_folder(source: str | os.PathLike, *, size: tuple[int, int] | None
     return result
 
 
+def card_split(card, val_fraction: float | None = None, seed: int | None = None) -> tuple[float, int]:
+    """(val_fraction, split seed) a checkpoint's backbone was trained with, from its card's S1 config
+    (0.1 and 0 when it has none); a value given here wins. Every later stage and every evaluation uses
+    this split, so no validation image is ever trained on."""
+    s1 = ((card.info or {}).get("config") or {}) if card is not None else {}
+    return (float(s1.get("val_fraction", 0.1)) if val_fraction is None else val_fraction,
+            int(s1.get("split_seed", 0)) if seed is None else seed)
+
+
 def split_train_val(data: ImageSet, *, val_fraction: float = 0.1, seed: int = 0) -> tuple[ImageSet, ImageSet]:
     """Stratified split: the same ``val_fraction`` of every class, fixed by ``seed``."""
     g = torch.Generator().manual_seed(seed)

@@ -15,7 +15,7 @@ from gating.model import GatedModel
 from gating.zoo import resolve_checkpoint
 from training.backbone import BackboneConfig, evaluate, load_split, train_backbone
 from training.run import RunError
-from training.data import ImageSet, normalize
+from training.data import ImageSet, card_split, normalize
 from training.pruning.criteria import CRITERIA
 from training.pruning.ista import IstaConfig, ista_train, remove_zero_gamma
 from training.pruning.magnitude import MAX_LAYER_SPARSITY, magnitude_prune
@@ -98,6 +98,16 @@ def iterative_magnitude(model: GatedModel, ratio: float, train: ImageSet, cfg: B
     return model, report
 
 
+def finetune_after_pruning(method: str, unpruned: GatedModel, pruned: GatedModel, ratio: float, train: ImageSet,
+                           cfg: BackboneConfig, epochs: int, out: str, run_dir: str, *, seed: int = 0,
+                           teacher: Optional[str] = None) -> tuple[GatedModel, dict]:
+    """The finetuned model and what the finetuning reports: magnitude prunes again in steps from
+    ``unpruned`` (Han et al.); a channel method trains ``pruned``, distilling ``teacher`` when given."""
+    if method == "magnitude":
+        return iterative_magnitude(unpruned, ratio, train, cfg, epochs, out, run_dir, seed=seed)
+    return finetune_pruned(pruned, cfg, epochs, out, run_dir, seed, teacher=teacher), {}
+
+
 def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out: str, *,
                      finetune_epochs: int = 0, sample_images: int = 256, seed: int = 0,
                      run_dir: Optional[str] = None, stages: bool = False, allocation: str = "sensitivity",
@@ -108,9 +118,8 @@ def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out:
         raise ValueError(f"--out {out} is the checkpoint being pruned: finetuning writes the pruned model there "
                          "first and (channel methods) distils from the original; write it elsewhere")
     model = GatedModel.load(checkpoint)
-    s1 = model.card.info.get("config") or {}
-    cfg = BackboneConfig(data=data, val_fraction=float(s1.get("val_fraction", 0.1)),
-                         split_seed=int(s1.get("split_seed", 0)))
+    fraction, split_seed = card_split(model.card)
+    cfg = BackboneConfig(data=data, val_fraction=fraction, split_seed=split_seed)
     train, val = load_split(cfg)
     t0 = time.perf_counter()
     pruned, report = prune_backbone(method, ratio, model.backbone, train, sample_images=sample_images, seed=seed,
@@ -120,13 +129,10 @@ def prune_checkpoint(method: str, ratio: float, checkpoint: str, data: str, out:
     result = GatedModel(pruned, card=replace(model.card, info={**model.card.info, "pruned": report}))
     run_dir = run_dir or str(Path(out).with_suffix("")) + "-finetune"
     try:
-        if finetune_epochs and method == "magnitude":
-            result, report_final = iterative_magnitude(model, ratio, train, cfg, finetune_epochs, out, run_dir,
-                                                       seed=seed)
-            report.update(report_final, top1_after_finetune=evaluate(result.backbone, val))
-        elif finetune_epochs:
-            result = finetune_pruned(result, cfg, finetune_epochs, out, run_dir, seed, teacher=checkpoint)
-            report["top1_after_finetune"] = evaluate(result.backbone, val)
+        if finetune_epochs:
+            result, tuned = finetune_after_pruning(method, model, result, ratio, train, cfg, finetune_epochs, out,
+                                                   run_dir, seed=seed, teacher=checkpoint)
+            report.update(tuned, top1_after_finetune=evaluate(result.backbone, val))
     except RunError as err:
         raise RunError(f"{err}. {run_dir} is the finetuning run of --out {out}, left by an earlier "
                        "`skipserve prune` with other settings or other pruned weights: delete it, or write to "
