@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
-import math
 from typing import Callable, Optional
 
 
