@@ -72,17 +72,22 @@ def curve(model, x, y, rule: str, **kw) -> list[dict]:
 
 
 def run(cfg: AccuracyBenchConfig) -> dict:
+    from gating.gates import GATES
     from gating.model import GatedModel
     from gating.policies import make_policy
     from gating.preprocess import normalize
     from gating.zoo import resolve_checkpoint
     from training.backbone import BackboneConfig, load_split
+    from training.data import card_split
     from training.gate import GateConfig, train_gate
     from training.labels import LabelConfig, label_dataset, load_labels
 
+    for kind in cfg.gates:  # an unknown kind fails here, not after the labels and the gates before it
+        GATES.get(kind)
     torch.manual_seed(0)
     base = GatedModel.load(resolve_checkpoint(cfg.backbone))
-    train, val = load_split(BackboneConfig(data=cfg.data))
+    fraction, split_seed = card_split(base.card)  # the backbone's own split: no gate sees its validation images
+    train, val = load_split(BackboneConfig(data=cfg.data, val_fraction=fraction, split_seed=split_seed))
     if cfg.val_images:
         val = val.sample(cfg.val_images, seed=0)
     x, y = normalize(val.images, base.card.mean, base.card.std), val.labels

@@ -174,6 +174,7 @@ def run(cfg: ReportConfig) -> dict:
     from gating.model import GatedModel
     from gating.zoo import resolve_checkpoint
     from training.backbone import BackboneConfig, load_split
+    from training.data import card_split
     from training.evaluate import evaluate_gated
     from training.labels import bench_labels
 
@@ -183,7 +184,8 @@ def run(cfg: ReportConfig) -> dict:
     q = cfg.quick
     command = "skipserve bench report --out " + cfg.out + (" --quick" if q else "")
     model = GatedModel.load(resolve_checkpoint(cfg.checkpoint))
-    _, val = load_split(BackboneConfig(data=cfg.data))
+    fraction, split_seed = card_split(model.card)
+    _, val = load_split(BackboneConfig(data=cfg.data, val_fraction=fraction, split_seed=split_seed))
     results: dict = {"machine": machine_info(), "command": command, "quick": q}
 
     ecfg = engine.EngineBenchConfig(arch=model.backbone.spec.name, batches=(1, 8, 64))

@@ -116,9 +116,8 @@ def v2_body(images: list[bytes], n: int, start: int, policy: str | None) -> byte
 def summarise(phases: list[dict]) -> dict:
     lat = sorted(x for p in phases for x in p["latencies"])
     seconds = sum(p["seconds"] for p in phases)
-    q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) >= 2 else [float("nan")] * 99
-    if len(lat) == 1:
-        q = lat * 99  # one request is every quantile
+    # one request is every quantile; none gives NaN (null in JSON)
+    q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) >= 2 else (lat or [float("nan")]) * 99
     return {"throughput_rps": len(lat) / seconds if seconds > 0 else 0.0, "p50_ms": q[49] * 1e3, "p99_ms": q[98] * 1e3,
             "requests": len(lat) + sum(p["errors"] for p in phases), "errors": sum(p["errors"] for p in phases),
             "phase_rps": [round(len(p["latencies"]) / p["seconds"], 2) for p in phases]}

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gating.backbones import ArchSpec, ResidualBackbone, build_backbone
-from gating.checkpoint import ModelCard, load_tensors
+from gating.checkpoint import ModelCard
 from gating.executor import execute
 from gating.model import GatedModel
 from training.data import CIFAR_MEAN, CIFAR_STD, ImageSet, augment, batches, check_cutout, cutout, load_image_folder, \
@@ -48,7 +48,9 @@ class BackboneConfig:
     seed: int = 0
     device: str = "auto"  # "auto" = the accelerator when present
     channels_last: bool = True  # faster convolutions on CPU and GPU
-    amp: Union[str, bool] = "auto"  # YAML reads on/off as true/false; bf16 autocast: "auto" = where the hardware has native bf16 (CUDA, AMX/AVX512-BF16 CPUs)
+    # bf16 autocast: "auto" = where the hardware has native bf16 (CUDA, AMX/AVX512-BF16 CPUs); "on"/"off",
+    # or true/false, which is how YAML reads a bare on/off
+    amp: Union[str, bool] = "auto"
     compile: bool = False  # torch.compile the training forward (~40 s to compile, ~1.3x faster steps on CPU)
     # torch.compile mode: "reduce-overhead" replays CUDA graphs, which a GPU needs for CIFAR ResNets, whose
     # steps are bound by kernel launches (ResNet-56, batch 256, H200: 18 ms a step eager, 6.5 ms graphed)
@@ -150,12 +152,13 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, not {cfg.compile_mode!r}")
     device = pick_device(cfg.device)
     run = RunDir(run_dir, "backbone")
-    run.check_config(cfg, {"init_weights": weights_digest(load_tensors(cfg.init)[0])} if cfg.init else None)
+    init = GatedModel.load(cfg.init).backbone if cfg.init else None
+    run.check_config(cfg, {"init_weights": weights_digest(init.state_dict())} if init is not None else None)
     train, val = load_split(cfg)
 
     torch.manual_seed(cfg.seed)
-    if cfg.init:
-        model: ResidualBackbone = GatedModel.load(cfg.init).backbone.train().to(device)
+    if init is not None:
+        model: ResidualBackbone = init.train().to(device)
     else:
         model = build_backbone(ArchSpec(cfg.arch, num_classes=len(train.classes))).to(device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format

@@ -58,10 +58,6 @@ def allocate(sizes: dict[str, int], sens: dict[str, float], target: float,
     eps = 1e-6 + 1e-3 * max(sens.values(), default=0.0)
     weights = {n: 1.0 / (sens[n] + eps) ** 0.5 for n in sizes}
 
-    if target > MAX_LAYER_SPARSITY:
-        raise ValueError(f"sparsity {target} is out of reach: every layer keeps at least "
-                         f"{1 - MAX_LAYER_SPARSITY:.0%} of its weights (at most {MAX_LAYER_SPARSITY})")
-
     def share(n: str, c: float) -> float:
         return max(floor.get(n, 0.0), min(MAX_LAYER_SPARSITY, c * weights[n]))
 

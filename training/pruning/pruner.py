@@ -83,9 +83,7 @@ class ChannelPruner:
         in each unit (``skipserve prune`` reports the ratio reached)."""
         profile = profile_backbone(backbone)
         per_channel = inner_flops_per_channel(backbone, profile)
-        floor = [0 if self.allocation == "sensitivity" and u.identity_shortcut
-                 else (min(self.align, u.conv1.out_channels) if self.allocation == "sensitivity" else 1)
-                 for u in backbone.units]
+        floor = [min(self.widths(u)) if self.allocation == "sensitivity" else 1 for u in backbone.units]
         most = sum(c * (u.conv1.out_channels - f) for c, u, f in zip(per_channel, backbone.units, floor)) / profile.full
         if self.ratio > most + 0.005:
             raise ValueError(f"ratio {self.ratio} is out of reach: with {self.allocation} allocation the units' inner "

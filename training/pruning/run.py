@@ -14,12 +14,12 @@ from gating.backbones import ResidualBackbone
 from gating.model import GatedModel
 from gating.zoo import resolve_checkpoint
 from training.backbone import BackboneConfig, evaluate, load_split, train_backbone
-from training.run import RunError
 from training.data import ImageSet, card_split, normalize
 from training.pruning.criteria import CRITERIA
 from training.pruning.ista import IstaConfig, ista_train, remove_zero_gamma
 from training.pruning.magnitude import MAX_LAYER_SPARSITY, magnitude_prune
 from training.pruning.pruner import ALLOCATIONS, ChannelPruner
+from training.run import RunError
 
 METHODS = CRITERIA.names() + ["ista", "magnitude"]
 DISTILL = 0.7  # finetuning's weight on imitating the unpruned model (the default recipe's S5 value)
