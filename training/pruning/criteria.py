@@ -96,7 +96,10 @@ class HRank(Criterion):
         with torch.no_grad():
             for unit, x in zip(backbone.units, unit_inputs(backbone, sample)):
                 maps = inner_activation(unit, x)  # (B, C, H, W)
-                out.append(torch.linalg.matrix_rank(maps.double()).float().mean(0))
+                rank = torch.linalg.matrix_rank(maps.double()).float().mean(0)
+                w = unit.conv1.weight.abs().sum((1, 2, 3))
+                # L1 breaks ties, as in stream_scores; under half the smallest gap between mean ranks (1/B)
+                out.append(rank + 0.5 / len(x) * w / w.max().clamp_min(1e-30))
         return out
 
     def stream_scores(self, backbone, sample, keep_counts):
@@ -191,7 +194,11 @@ class Lasso(Criterion):
 
     def _select_gram(self, gram: torch.Tensor, zy: torch.Tensor, k: int, magnitude: torch.Tensor) -> torch.Tensor:
         """The LASSO of ``_select`` from Z Z^T (C, C) and Z Y (C,); ``magnitude`` (C,) breaks ties."""
-        step = 1.0 / torch.linalg.eigvalsh(gram).max()
+        tie = 1e-12 * (magnitude / magnitude.sum().clamp_min(1e-30)).float()
+        top = float(torch.linalg.eigvalsh(gram).max())
+        if top <= 0:  # no channel contributes anything on the sample: every choice is equal
+            return tie
+        step = 1.0 / top
         lo, hi = 0.0, float(zy.abs().max())
         beta = torch.ones(len(zy), dtype=gram.dtype)
         for _ in range(30):
@@ -201,7 +208,7 @@ class Lasso(Criterion):
                 lo = lam
             else:
                 hi, beta = lam, b
-        return beta.abs().float() + 1e-12 * (magnitude / magnitude.sum()).float()  # ties broken by magnitude
+        return beta.abs().float() + tie  # ties broken by magnitude
 
     def _ista(self, gram, zy, lam, step):
         beta = torch.ones(len(zy), dtype=gram.dtype)
