@@ -93,12 +93,12 @@ class HRank(Criterion):
 
     def scores(self, backbone, sample, keep_counts):
         out = []
+        l1 = L1Norm().scores(backbone, sample, keep_counts)  # breaks ties, as in stream_scores
         with torch.no_grad():
-            for unit, x in zip(backbone.units, unit_inputs(backbone, sample)):
+            for unit, x, w in zip(backbone.units, unit_inputs(backbone, sample), l1):
                 maps = inner_activation(unit, x)  # (B, C, H, W)
                 rank = torch.linalg.matrix_rank(maps.double()).float().mean(0)
-                w = unit.conv1.weight.abs().sum((1, 2, 3))
-                # L1 breaks ties, as in stream_scores; under half the smallest gap between mean ranks (1/B)
+                # under half the smallest gap between mean ranks (1/B): ranks still decide
                 out.append(rank + 0.5 / len(x) * w / w.max().clamp_min(1e-30))
         return out
 
