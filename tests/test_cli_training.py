@@ -159,7 +159,10 @@ def test_prune_then_gate_the_pruned_backbone(image_dir, tmp_path):
     assert thinned["stages"] and thinned["flops_ratio"] == pytest.approx(0.5, abs=0.03)
     thin = GatedModel.load(tmp_path / "thin.safetensors")  # stream widths and shortcut maps survive the checkpoint
     assert thin.backbone.spec.stage_widths == (11, 23, 45)
-    assert all(u.conv2.out_channels == w for u, w in zip(thin.backbone.units, [11] * 3 + [23] * 3 + [45] * 3))
+    from training.pruning.surgery import stages  # the sensitivity allocation may remove an identity unit
+    groups = stages(thin.backbone)
+    assert len(groups) == 3 and sum(map(len, groups)) == len(thin.backbone.units)
+    assert [{thin.backbone.units[i].conv2.out_channels for i in g} for g in groups] == [{11}, {23}, {45}]
     full = json.loads(skipserve("eval", "--checkpoint", tmp_path / "thin.safetensors", "--data", image_dir, "--json",
                                 env_cache=cache).stdout)
     assert full["flops_ratio"] == pytest.approx(1.0) and 0 <= full["top1"] <= 1 and full["n_images"] > 0
