@@ -237,6 +237,22 @@ def test_resuming_with_another_config_is_refused(image_dir, tmp_path):
         train_backbone(_tiny_s1(image_dir, lr=0.5), tmp_path)
 
 
+def test_a_finished_run_extended_by_a_warm_restart_goes_on_as_if_trained_so_from_scratch(image_dir, tmp_path):
+    from training.run import RunError
+
+    straight = train_backbone(_tiny_s1(image_dir, epochs=2, restarts=[1]), tmp_path / "straight")
+    train_backbone(_tiny_s1(image_dir, epochs=1), tmp_path / "extended")
+    with pytest.raises(RunError, match="config differs in \\['epochs'\\]"):  # epoch 0's lr would have been another
+        train_backbone(_tiny_s1(image_dir, epochs=2), tmp_path / "extended")
+    with pytest.raises(RunError, match="config differs in \\['epochs', 'lr', 'restarts'\\]"):
+        train_backbone(_tiny_s1(image_dir, epochs=2, restarts=[1], lr=0.5), tmp_path / "extended")
+    extended = train_backbone(_tiny_s1(image_dir, epochs=2, restarts=[1]), tmp_path / "extended")
+    a, b = GatedModel.load(straight).backbone.state_dict(), GatedModel.load(extended).backbone.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [json.loads(l)["epoch"] for l in (tmp_path / "extended" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]
+
+
 def test_a_run_started_before_a_config_field_existed_resumes_at_its_default(tmp_path):
     from training.run import RunDir, RunError
 

@@ -85,6 +85,16 @@ def cycle_of(cfg: BackboneConfig, epoch: float) -> tuple[int, int]:
     return bounds[-2], bounds[-1]
 
 
+def continues_schedule(old: dict, new: dict) -> bool:
+    """Whether an S1 run recorded under config ``old`` may go on under ``new``: the same in every field
+    but a later end, where the old end is now a warm restart. The epochs already run had the learning
+    rates ``new`` gives them, so the extended run is the one ``new`` would have trained from scratch."""
+    rest = lambda c: {k: v for k, v in c.items() if k not in ("epochs", "restarts")}  # noqa: E731
+    end = old.get("epochs")
+    return (rest(old) == rest(new) and isinstance(end, int) and new["epochs"] > end and end in new["restarts"]
+            and sorted(r for r in new["restarts"] if r < end) == sorted(old.get("restarts", [])))
+
+
 def lr_at(cfg: BackboneConfig, step: int, steps_per_epoch: int) -> float:
     t = step / steps_per_epoch  # epochs done, fractional
     first, end = cycle_of(cfg, t) if cfg.schedule == "cosine" else (0, cfg.epochs)
@@ -153,7 +163,8 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
     device = pick_device(cfg.device)
     run = RunDir(run_dir, "backbone")
     init = GatedModel.load(cfg.init).backbone if cfg.init else None
-    run.check_config(cfg, {"init_weights": weights_digest(init.state_dict())} if init is not None else None)
+    run.check_config(cfg, {"init_weights": weights_digest(init.state_dict())} if init is not None else None,
+                     continues=continues_schedule)
     train, val = load_split(cfg)
 
     torch.manual_seed(cfg.seed)

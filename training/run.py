@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -37,12 +37,14 @@ class RunDir:
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
 
-    def check_config(self, config: Any, inputs: Optional[dict[str, str]] = None) -> None:
+    def check_config(self, config: Any, inputs: Optional[dict[str, str]] = None,
+                     continues: Optional[Callable[[dict, dict], bool]] = None) -> None:
         """Write the stage config, or refuse to resume a run that was started with another one.
 
         ``inputs``: digests of the weights the stage starts from (``weights_digest``), recorded beside the
         config: a file rewritten under the same path (a pruned model under the same ``--out``) is another
-        start, and its run is not resumed from the old one's state."""
+        start, and its run is not resumed from the old one's state. ``continues(old, new)``: whether a
+        changed config still goes on from the recorded run (S1 extended by another warm-restart cycle)."""
         target = self.path / f"{self.stage}-config.json"
         text = json.dumps({**dataclasses.asdict(config), **(inputs or {})}, indent=2, sort_keys=True)
         if target.exists() and self.state_path.exists():
@@ -51,7 +53,7 @@ class RunDir:
             for key in inputs or {}:  # a run recorded before its inputs were: nothing to compare with
                 old.setdefault(key, new[key])
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            if changed:
+            if changed and not (continues is not None and continues(old, new)):
                 raise RunError(f"{self.path}: cannot resume {self.stage}: config differs in {changed}; "
                                "use a new run directory")
         atomic_write_text(target, text + "\n")
