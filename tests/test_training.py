@@ -726,8 +726,19 @@ def test_stochastic_depth_runs_each_image_on_its_drawn_path():
         assert torch.allclose(drop_unit_forward(backbone, x, 0.0, torch.Generator()), backbone(x), atol=1e-6)
 
 
+def test_stochastic_depth_traces_as_one_graph_for_torch_compile():
+    from training.backbone import draw_paths, masked_forward
+
+    backbone = make_backbone("resnet20").eval()
+    x, n = torch.randn(4, 3, 32, 32), backbone.num_units
+    keep = draw_paths(4, n, 0.6, torch.Generator().manual_seed(1))
+    assert keep.any() and not keep.all()
+    traced = torch.compile(lambda x, keep: masked_forward(backbone, x, keep), backend="eager", fullgraph=True)
+    with torch.no_grad():  # fullgraph: a graph break (a mask read back as Python values) raises
+        assert torch.allclose(traced(x, keep), execute(backbone, x, keep), atol=1e-5)
+
+
 @pytest.mark.parametrize("fields,match", [({"drop_units": 1.0}, "drop_units must be in"),
-                                          ({"drop_units": 0.2, "compile": True}, "set compile: false"),
                                           ({"compile_mode": "fast"}, "compile_mode must be one of"),
                                           ({"cutout": -1}, "cutout is a square's side")])
 def test_bad_backbone_settings_fail_before_training(tmp_path, image_dir, fields, match):

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from gating.backbones import ArchSpec, ResidualBackbone, build_backbone
 from gating.checkpoint import ModelCard
-from gating.executor import execute
+from gating.executor import mask_unit
 from gating.model import GatedModel
 from training.data import CIFAR_MEAN, CIFAR_STD, ImageSet, augment, batches, check_cutout, cutout, load_image_folder, \
     normalize, split_train_val
@@ -65,15 +65,27 @@ class BackboneConfig:
     drop_units: float = 0.0
 
 
-def drop_unit_forward(model: ResidualBackbone, x: torch.Tensor, drop: float, g: torch.Generator) -> torch.Tensor:
-    """Training forward with per-image unit dropping (stochastic depth, linear decay rule).
+def draw_paths(n_images: int, n_units: int, drop: float, g: torch.Generator) -> torch.Tensor:
+    """(B, n) bool, True = run: unit i dropped with probability drop * (i + 1) / n (the linear decay rule)."""
+    return torch.rand(n_images, n_units, generator=g) >= drop * torch.arange(1, n_units + 1) / n_units
 
-    Training only, so a dropped unit is computed and discarded (the masked execution); the gated
-    executor's skipping is what saves work at inference.
+
+def masked_forward(model: ResidualBackbone, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Training forward with each image on its own path, ``keep`` (B, n) bool.
+
+    Training only, so every unit runs for the whole batch and its output is selected (the masked
+    execution; the gated executor's skipping is what saves work at inference). The mask stays a
+    tensor, so torch.compile traces the pass whole.
     """
-    n = model.num_units
-    drops = torch.rand(len(x), n, generator=g) < drop * torch.arange(1, n + 1) / n  # (B, n) True = skip
-    return execute(model, x, ~drops, execution="mask")
+    h = model.stem(x)  # (B, C, H, W)
+    for i, unit in enumerate(model.units):
+        h = mask_unit(unit, h, keep[:, i])
+    return model.head(h)
+
+
+def drop_unit_forward(model: ResidualBackbone, x: torch.Tensor, drop: float, g: torch.Generator) -> torch.Tensor:
+    """Training forward with per-image unit dropping (stochastic depth, Huang et al. 2016)."""
+    return masked_forward(model, x, draw_paths(len(x), model.num_units, drop, g).to(x.device))
 
 
 def cycle_of(cfg: BackboneConfig, epoch: float) -> tuple[int, int]:
@@ -155,8 +167,6 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
         raise ValueError(f"distill must be in [0, 1], got {cfg.distill}")
     if not 0 <= cfg.drop_units < 1:
         raise ValueError(f"drop_units must be in [0, 1), got {cfg.drop_units}")
-    if cfg.drop_units and cfg.compile:
-        raise ValueError("drop_units runs the units one by one; set compile: false")
     check_cutout(cfg.cutout)
     if cfg.compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, not {cfg.compile_mode!r}")
@@ -192,7 +202,11 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     use_amp = use_bf16(device, cfg.amp)
     # the compiled forward shares `model`'s parameters: state dicts stay those of `model`
-    forward = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+    def paths_forward(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return masked_forward(model, x, keep)
+
+    step = paths_forward if cfg.drop_units else model
+    forward = torch.compile(step, mode=cfg.compile_mode) if cfg.compile else step
     teacher = None
     if cfg.teacher and cfg.distill:
         teacher = GatedModel.load(cfg.teacher).backbone.eval().requires_grad_(False).to(device, memory_format=fmt)
@@ -214,7 +228,10 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
             x = x.to(device, memory_format=fmt)
             y = train.labels[idx].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = drop_unit_forward(model, x, cfg.drop_units, g) if cfg.drop_units else forward(x)
+                if cfg.drop_units:  # drawn after the augmentation, from the same generator
+                    logits = forward(x, draw_paths(len(idx), model.num_units, cfg.drop_units, g).to(device))
+                else:
+                    logits = forward(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
                 if teacher is not None:
                     loss = (1 - cfg.distill) * loss + cfg.distill * distillation(logits, teacher, x, cfg.temperature)
