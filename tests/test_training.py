@@ -246,11 +246,14 @@ def test_a_finished_run_extended_by_a_warm_restart_goes_on_as_if_trained_so_from
         train_backbone(_tiny_s1(image_dir, epochs=2), tmp_path / "extended")
     with pytest.raises(RunError, match="config differs in \\['epochs', 'lr', 'restarts'\\]"):
         train_backbone(_tiny_s1(image_dir, epochs=2, restarts=[1], lr=0.5), tmp_path / "extended")
+    first = (tmp_path / "extended" / "metrics.jsonl").read_text()
     extended = train_backbone(_tiny_s1(image_dir, epochs=2, restarts=[1]), tmp_path / "extended")
     a, b = GatedModel.load(straight).backbone.state_dict(), GatedModel.load(extended).backbone.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    epochs = [json.loads(l)["epoch"] for l in (tmp_path / "extended" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [0, 1]
+    lines = (tmp_path / "extended" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [0, 1] and lines[0] == first.strip()  # epoch 0 not rerun
+    assert (tmp_path / "extended" / "backbone-1ep.safetensors").exists()  # the 1-epoch output, kept aside
+    assert json.loads((tmp_path / "extended" / "backbone-summary.json").read_text())["epochs"] == 2
 
 
 def test_a_run_started_before_a_config_field_existed_resumes_at_its_default(tmp_path):
@@ -736,6 +739,19 @@ def test_stochastic_depth_traces_as_one_graph_for_torch_compile():
     traced = torch.compile(lambda x, keep: masked_forward(backbone, x, keep), backend="eager", fullgraph=True)
     with torch.no_grad():  # fullgraph: a graph break (a mask read back as Python values) raises
         assert torch.allclose(traced(x, keep), execute(backbone, x, keep), atol=1e-5)
+
+
+def test_stochastic_depth_trains_under_torch_compile(image_dir, tmp_path, monkeypatch):
+    traced = []
+    compile_ = torch.compile
+
+    def one_graph(fn, mode=None):  # the eager backend: traced whole (fullgraph), without codegen's minute
+        traced.append(fn)
+        return compile_(fn, backend="eager", fullgraph=True)
+
+    monkeypatch.setattr(torch, "compile", one_graph)
+    out = train_backbone(_tiny_s1(image_dir, epochs=1, compile=True, drop_units=0.3), tmp_path)
+    assert len(traced) == 1 and traced[0].__name__ == "paths_forward" and GatedModel.load(out).num_units == 9
 
 
 @pytest.mark.parametrize("fields,match", [({"drop_units": 1.0}, "drop_units must be in"),

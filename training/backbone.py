@@ -173,8 +173,12 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
     device = pick_device(cfg.device)
     run = RunDir(run_dir, "backbone")
     init = GatedModel.load(cfg.init).backbone if cfg.init else None
-    run.check_config(cfg, {"init_weights": weights_digest(init.state_dict())} if init is not None else None,
-                     continues=continues_schedule)
+    extended = run.check_config(cfg, {"init_weights": weights_digest(init.state_dict())} if init is not None else None,
+                                continues=continues_schedule)
+    finished = run.path / "backbone.safetensors"
+    if extended is not None and finished.exists():  # no longer this run's output; kept under its epochs
+        finished.replace(run.path / f"backbone-{extended['epochs']}ep.safetensors")
+        (run.path / "backbone-summary.json").unlink(missing_ok=True)
     train, val = load_split(cfg)
 
     torch.manual_seed(cfg.seed)
@@ -205,8 +209,8 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
     def paths_forward(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         return masked_forward(model, x, keep)
 
-    step = paths_forward if cfg.drop_units else model
-    forward = torch.compile(step, mode=cfg.compile_mode) if cfg.compile else step
+    train_forward = paths_forward if cfg.drop_units else model
+    forward = torch.compile(train_forward, mode=cfg.compile_mode) if cfg.compile else train_forward
     teacher = None
     if cfg.teacher and cfg.distill:
         teacher = GatedModel.load(cfg.teacher).backbone.eval().requires_grad_(False).to(device, memory_format=fmt)

@@ -193,9 +193,11 @@ def check_unchanged(recipe: Recipe, run: Path, where: str) -> None:
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         made = sorted(str(p.relative_to(run)) for pattern in patterns for p in run.glob(pattern))
         if changed and made:
+            extend = (" (to extend a finished S1 by another warm-restart cycle, copy s1/'s backbone-state.pt, "
+                      "backbone-config.json and metrics.jsonl into the new one)") if section == "backbone" else ""
             raise RecipeError(f"{where}: [{section}] {changed} differ from the recipe {run} was started with, "
                               f"and {', '.join(made[:3])} {'were' if len(made) > 1 else 'was'} made by it; "
-                              "use a new run directory, or delete those files to redo them")
+                              f"use a new run directory{extend}, or delete those files to redo them")
 
 
 def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:

@@ -38,15 +38,17 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     def check_config(self, config: Any, inputs: Optional[dict[str, str]] = None,
-                     continues: Optional[Callable[[dict, dict], bool]] = None) -> None:
+                     continues: Optional[Callable[[dict, dict], bool]] = None) -> Optional[dict]:
         """Write the stage config, or refuse to resume a run that was started with another one.
 
         ``inputs``: digests of the weights the stage starts from (``weights_digest``), recorded beside the
         config: a file rewritten under the same path (a pruned model under the same ``--out``) is another
         start, and its run is not resumed from the old one's state. ``continues(old, new)``: whether a
-        changed config still goes on from the recorded run (S1 extended by another warm-restart cycle)."""
+        changed config still goes on from the recorded run (S1 extended by another warm-restart cycle);
+        then the recorded config is returned (None otherwise)."""
         target = self.path / f"{self.stage}-config.json"
         text = json.dumps({**dataclasses.asdict(config), **(inputs or {})}, indent=2, sort_keys=True)
+        continued = None
         if target.exists() and self.state_path.exists():
             old = {**_defaults(config), **json.loads(target.read_text())}  # a field added since: its default
             new = json.loads(text)
@@ -56,7 +58,9 @@ class RunDir:
             if changed and not (continues is not None and continues(old, new)):
                 raise RunError(f"{self.path}: cannot resume {self.stage}: config differs in {changed}; "
                                "use a new run directory")
+            continued = old if changed else None
         atomic_write_text(target, text + "\n")
+        return continued
 
     def save_state(self, state: dict) -> None:
         atomic_write(self.state_path, lambda tmp: torch.save(state, tmp))
