@@ -63,11 +63,12 @@ def execute(backbone: ResidualBackbone, x: torch.Tensor, keep: torch.Tensor,
     if keep.shape != (x.shape[0], backbone.num_units):
         raise ValueError(f"keep must be (batch, units) = ({x.shape[0]}, {backbone.num_units}), "
                          f"got {tuple(keep.shape)}")
-    columns = keep.cpu().t().tolist()  # per unit: which images keep it, as plain bools
     h = backbone.stem(x)
-    for unit, column in zip(backbone.units, columns):
-        if execution == "skip":
+    if execution == "skip":
+        columns = keep.cpu().t().tolist()  # per unit: which images keep it, as plain bools
+        for unit, column in zip(backbone.units, columns):
             h = run_unit(unit, h, column)
-        else:
-            h = mask_unit(unit, h, torch.tensor(column, dtype=torch.bool))  # bool even for an empty batch
+    else:  # the mask stays a tensor, so torch.compile traces the pass as one graph (S1's stochastic depth)
+        for i, unit in enumerate(backbone.units):
+            h = mask_unit(unit, h, keep[:, i].bool())
     return backbone.head(h)

@@ -716,27 +716,30 @@ def test_amp_setting_accepts_yaml_on_off_and_refuses_others():
 
 
 def test_stochastic_depth_runs_each_image_on_its_drawn_path():
-    from training.backbone import drop_unit_forward
+    from training.backbone import draw_paths
 
     backbone = make_backbone("resnet20").eval()
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        out = drop_unit_forward(backbone, x, 0.6, torch.Generator().manual_seed(5))
+        out = execute(backbone, x, draw_paths(8, backbone.num_units, 0.6, torch.Generator().manual_seed(5)),
+                      execution="mask")
         n = backbone.num_units  # the same draw, replayed through the executor
         drops = torch.rand(8, n, generator=torch.Generator().manual_seed(5)) < 0.6 * torch.arange(1, n + 1) / n
         assert drops.any() and not drops.all()
         assert torch.allclose(out, execute(backbone, x, ~drops), atol=1e-5)
-        assert torch.allclose(drop_unit_forward(backbone, x, 0.0, torch.Generator()), backbone(x), atol=1e-6)
+        everything = draw_paths(8, n, 0.0, torch.Generator())
+        assert torch.allclose(execute(backbone, x, everything, execution="mask"), backbone(x), atol=1e-6)
 
 
 def test_stochastic_depth_traces_as_one_graph_for_torch_compile():
-    from training.backbone import draw_paths, masked_forward
+    from training.backbone import draw_paths
 
     backbone = make_backbone("resnet20").eval()
     x, n = torch.randn(4, 3, 32, 32), backbone.num_units
     keep = draw_paths(4, n, 0.6, torch.Generator().manual_seed(1))
     assert keep.any() and not keep.all()
-    traced = torch.compile(lambda x, keep: masked_forward(backbone, x, keep), backend="eager", fullgraph=True)
+    traced = torch.compile(lambda x, keep: execute(backbone, x, keep, execution="mask"), backend="eager",
+                           fullgraph=True)
     with torch.no_grad():  # fullgraph: a graph break (a mask read back as Python values) raises
         assert torch.allclose(traced(x, keep), execute(backbone, x, keep), atol=1e-5)
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from gating.backbones import ArchSpec, ResidualBackbone, build_backbone
 from gating.checkpoint import ModelCard
-from gating.executor import mask_unit
+from gating.executor import execute
 from gating.model import GatedModel
 from training.data import CIFAR_MEAN, CIFAR_STD, ImageSet, augment, batches, check_cutout, cutout, load_image_folder, \
     normalize, split_train_val
@@ -68,24 +68,6 @@ class BackboneConfig:
 def draw_paths(n_images: int, n_units: int, drop: float, g: torch.Generator) -> torch.Tensor:
     """(B, n) bool, True = run: unit i dropped with probability drop * (i + 1) / n (the linear decay rule)."""
     return torch.rand(n_images, n_units, generator=g) >= drop * torch.arange(1, n_units + 1) / n_units
-
-
-def masked_forward(model: ResidualBackbone, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Training forward with each image on its own path, ``keep`` (B, n) bool.
-
-    Training only, so every unit runs for the whole batch and its output is selected (the masked
-    execution; the gated executor's skipping is what saves work at inference). The mask stays a
-    tensor, so torch.compile traces the pass whole.
-    """
-    h = model.stem(x)  # (B, C, H, W)
-    for i, unit in enumerate(model.units):
-        h = mask_unit(unit, h, keep[:, i])
-    return model.head(h)
-
-
-def drop_unit_forward(model: ResidualBackbone, x: torch.Tensor, drop: float, g: torch.Generator) -> torch.Tensor:
-    """Training forward with per-image unit dropping (stochastic depth, Huang et al. 2016)."""
-    return masked_forward(model, x, draw_paths(len(x), model.num_units, drop, g).to(x.device))
 
 
 def cycle_of(cfg: BackboneConfig, epoch: float) -> tuple[int, int]:
@@ -207,7 +189,8 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
     use_amp = use_bf16(device, cfg.amp)
     # the compiled forward shares `model`'s parameters: state dicts stay those of `model`
     def paths_forward(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        return masked_forward(model, x, keep)
+        # training only: every unit runs for the whole batch and its output is selected per image
+        return execute(model, x, keep, execution="mask")
 
     train_forward = paths_forward if cfg.drop_units else model
     forward = torch.compile(train_forward, mode=cfg.compile_mode) if cfg.compile else train_forward
