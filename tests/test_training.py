@@ -191,9 +191,10 @@ def _tiny_s1(image_dir, **kw):
                              "batch_size": 16, "channels_last": False, **kw})
 
 
-@pytest.mark.parametrize("restarts", [[], [1]], ids=["one-cycle", "warm-restart"])
-def test_killed_backbone_stage_resumes_to_the_same_weights(image_dir, tmp_path, monkeypatch, restarts):
-    cfg = _tiny_s1(image_dir, restarts=restarts)
+@pytest.mark.parametrize("fields", [{}, {"restarts": [1]}, {"schedule": "constant", "average_from": 0}],
+                         ids=["one-cycle", "warm-restart", "weight-averaging"])
+def test_killed_backbone_stage_resumes_to_the_same_weights(image_dir, tmp_path, monkeypatch, fields):
+    cfg = _tiny_s1(image_dir, **fields)
     reference = train_backbone(cfg, tmp_path / "straight")
 
     with pytest.raises(KeyboardInterrupt), killed_mid_epoch_two(monkeypatch, backbone_stage):
@@ -227,6 +228,22 @@ def test_warm_restarts_restart_the_cosine_schedule():
         train_backbone(BackboneConfig(epochs=10, restarts=[10], data="unused"), "unused")
     with pytest.raises(ValueError, match="restarts \\[4.5\\] must be whole epochs"):  # momentum resets at epoch starts
         train_backbone(BackboneConfig(epochs=10, restarts=[4.5], data="unused"), "unused")
+
+
+def test_weight_averaging_ships_the_mean_of_the_epochs_weights_with_bn_reestimated(image_dir, tmp_path):
+    # a constant learning rate: epoch 1 of a 2-epoch run is the whole of a 1-epoch one
+    after = [GatedModel.load(train_backbone(_tiny_s1(image_dir, schedule="constant", epochs=e), tmp_path / f"e{e}"))
+             .backbone.state_dict() for e in (1, 2)]
+    out = train_backbone(_tiny_s1(image_dir, schedule="constant", average_from=0, average_bn_images=24), tmp_path / "swa")
+    got = GatedModel.load(out).backbone.state_dict()
+    for name, value in got.items():
+        if name.endswith(("running_mean", "running_var")):  # re-estimated for the averaged weights
+            assert not torch.allclose(value, after[1][name]), name
+        elif not name.endswith("num_batches_tracked"):
+            assert torch.allclose(value, (after[0][name] + after[1][name]) / 2, atol=1e-6), name
+    records = [json.loads(l) for l in (tmp_path / "swa" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["average_val_top1"] <= 1 for r in records) and len(records) == 2
+    assert backbone_stage.lr_at(BackboneConfig(schedule="constant", lr=0.02), 1234, 10) == 0.02
 
 
 def test_resuming_with_another_config_is_refused(image_dir, tmp_path):
@@ -422,7 +439,8 @@ def test_finetune_with_cutout_trains_and_recalibrates_on_cut_images(image_dir, g
         sizes.append((len(x), size))
         return cutout(x, size, g)
 
-    monkeypatch.setattr(finetune_stage, "cutout", spy)
+    monkeypatch.setattr(finetune_stage, "cutout", spy)  # S5's training images
+    monkeypatch.setattr(backbone_stage, "cutout", spy)  # the recalibration's (BN re-estimation lives with S1)
     cut = finetune(GatedModel.load(gated_checkpoint), train, dataclasses.replace(cfg, cutout=8),
                    tmp_path / "cut").backbone.state_dict()
     assert sum(n for n, _ in sizes) == len(train) + min(40, len(train))  # every training image, then recalibration's
@@ -759,7 +777,9 @@ def test_stochastic_depth_trains_under_torch_compile(image_dir, tmp_path, monkey
 
 @pytest.mark.parametrize("fields,match", [({"drop_units": 1.0}, "drop_units must be in"),
                                           ({"compile_mode": "fast"}, "compile_mode must be one of"),
-                                          ({"cutout": -1}, "cutout is a square's side")])
+                                          ({"cutout": -1}, "cutout is a square's side"),
+                                          ({"average_from": 1}, "average_from must be an epoch in \\[0, 1\\)"),
+                                          ({"average_from": 0, "average_bn_images": 0}, "average_bn_images >= 1")])
 def test_bad_backbone_settings_fail_before_training(tmp_path, image_dir, fields, match):
     with pytest.raises(ValueError, match=match):
         train_backbone(BackboneConfig(arch="resnet20", data=str(image_dir), epochs=1, **fields), tmp_path / "s1")

@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ class BackboneConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    schedule: str = "cosine"  # "cosine" to zero, or "step" (x0.1 at 50% and 75% of training)
+    schedule: str = "cosine"  # "cosine" to zero, "step" (x0.1 at 50% and 75% of training), or "constant"
     restarts: list[int] = field(default_factory=list)  # cosine only: epochs where lr jumps back to its peak
     # (SGDR warm restarts; each cycle warms up again and starts with fresh momentum)
     warmup_epochs: float = 1.0
@@ -63,6 +63,10 @@ class BackboneConfig:
     # stochastic depth (Huang et al. 2016): in training, each image skips unit i with probability
     # drop_units * (i + 1) / n, so the network learns to run on partial paths, as the gate will make it
     drop_units: float = 0.0
+    # stochastic weight averaging (Izmailov et al. 2018): from this epoch on (0-based), the weights are averaged
+    # at every epoch end, and the checkpoint is the average, its BN statistics re-estimated; None = off
+    average_from: Optional[int] = None
+    average_bn_images: int = 10_000  # augmented training images that set the average's BN statistics
 
 
 def draw_paths(n_images: int, n_units: int, drop: float, g: torch.Generator) -> torch.Tensor:
@@ -100,7 +104,9 @@ def lr_at(cfg: BackboneConfig, step: int, steps_per_epoch: int) -> float:
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(p, 1.0)))
     if cfg.schedule == "step":
         return cfg.lr * (0.1 ** sum(t >= f * cfg.epochs for f in (0.5, 0.75)))
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; use 'cosine' or 'step'")
+    if cfg.schedule == "constant":
+        return cfg.lr
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; use 'cosine', 'step' or 'constant'")
 
 
 def load_split(cfg) -> tuple[ImageSet, ImageSet]:
@@ -121,6 +127,37 @@ def evaluate(model: torch.nn.Module, data: ImageSet, *, batch_size: int = 500,
         x = normalize(data.images[idx]).to(device)
         correct += (model(x).argmax(1).cpu() == data.labels[idx]).sum().item()
     return correct / max(len(data), 1)
+
+
+@torch.no_grad()
+def reestimate_bn(backbone: torch.nn.Module, data: ImageSet, *, images: int, batch_size: int = 250, seed: int = 0,
+                  cutout_size: int = 0, forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+    """Reset every BN's running statistics in ``backbone`` and re-estimate them, as a cumulative average,
+    on ``images`` training images (all of them when there are fewer) passed through ``forward`` (default:
+    the backbone itself). The images are augmented as the weights were trained (crop and flip, plus Cutout
+    of ``cutout_size``): statistics of clean images do not match weights trained on augmented ones."""
+    if images < 1 or len(data) == 0:
+        raise ValueError(f"BN recalibration needs images: asked for {images} of {len(data)}")
+    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over all batches
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=g)[:images]
+    device = next(backbone.parameters()).device
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            x = normalize(augment(data.images[idx], g))
+            if cutout_size:
+                x = cutout(x, cutout_size, g)
+            backbone.train()
+            (forward or backbone)(x.to(device))
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+        backbone.eval()
 
 
 def distillation(logits: torch.Tensor, teacher: torch.nn.Module, x: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -149,6 +186,10 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
         raise ValueError(f"distill must be in [0, 1], got {cfg.distill}")
     if not 0 <= cfg.drop_units < 1:
         raise ValueError(f"drop_units must be in [0, 1), got {cfg.drop_units}")
+    if cfg.average_from is not None and (isinstance(cfg.average_from, bool) or not isinstance(cfg.average_from, int)
+                                         or not 0 <= cfg.average_from < cfg.epochs or cfg.average_bn_images < 1):
+        raise ValueError(f"average_from must be an epoch in [0, {cfg.epochs}) (or None: no averaging) and "
+                         f"average_bn_images >= 1, got {cfg.average_from!r} and {cfg.average_bn_images}")
     check_cutout(cfg.cutout)
     if cfg.compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, not {cfg.compile_mode!r}")
@@ -179,12 +220,16 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
     opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    # the average of the weights after each epoch from average_from on; BN buffers are re-estimated, not averaged
+    average = torch.optim.swa_utils.AveragedModel(model) if cfg.average_from is not None else None
     start_epoch = 0
     state = run.resume()
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])
+        if average is not None and "average" in state:
+            average.load_state_dict(state["average"])
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     use_amp = use_bf16(device, cfg.amp)
     # the compiled forward shares `model`'s parameters: state dicts stay those of `model`
@@ -238,11 +283,21 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         val_top1 = evaluate(model, val, device=device)
         record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": correct / seen,
-                  "val_top1": val_top1, "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-        run.end_epoch({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1}, record)
-        tqdm.write(f"S1 epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} "
-                   f"val top-1 {val_top1:.4f} ({record['seconds']:.0f}s)", file=sys.stderr)
+                  "val_top1": val_top1, "lr": opt.param_groups[0]["lr"]}
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1}
+        if average is not None and epoch >= cfg.average_from:
+            average.update_parameters(model)
+            reestimate_bn(average.module, train, images=cfg.average_bn_images, seed=cfg.seed, cutout_size=cfg.cutout)
+            record["average_val_top1"] = evaluate(average.module, val, device=device)
+            state["average"] = average.state_dict()
+        record["seconds"] = time.perf_counter() - t0
+        run.end_epoch(state, record)
+        tqdm.write(f"S1 epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} val top-1 {val_top1:.4f}"
+                   + (f", average {record['average_val_top1']:.4f}" if "average_val_top1" in record else "")
+                   + f" ({record['seconds']:.0f}s)", file=sys.stderr)
 
+    if average is not None:  # its BN statistics were re-estimated after the last update
+        model = average.module
     model = model.to(memory_format=torch.contiguous_format).cpu()
     card = ModelCard(arch=model.spec.to_dict(), class_names=train.classes, input_size=(3, 32, 32),
                      mean=CIFAR_MEAN, std=CIFAR_STD, info={"stage": "S1", "config": cfg.__dict__})

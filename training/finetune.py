@@ -15,6 +15,7 @@ from tqdm import tqdm
 from gating.executor import execute
 from gating.model import GatedModel
 from gating.policies import Policy, knob_for_flops, make_policy
+from training.backbone import reestimate_bn
 from training.data import ImageSet, augment, batches, check_cutout, cutout, normalize
 from training.run import RunDir, epoch_generator, pick_device, use_bf16, weights_digest
 
@@ -108,7 +109,6 @@ def _gate_scores(model: GatedModel, data: ImageSet, images: int, seed: int) -> t
     return torch.cat([gate(normalize(data.images[idx], *stats)).float() for idx in order.split(250)])
 
 
-@torch.no_grad()
 def recalibrate_bn(model: GatedModel, data: ImageSet, *, images: int, batch_size: int = 250, seed: int = 0,
                    cutout_size: int = 0) -> None:
     """Reset every backbone BN's running statistics and re-estimate them on the gated paths of
@@ -120,29 +120,15 @@ def recalibrate_bn(model: GatedModel, data: ImageSet, *, images: int, batch_size
     recalibrated on clean images, 0.8592 on augmented ones; its S1 backbone (Cutout 16) 0.8352 on
     clean images, 0.8596 with crop and flip, 0.8778 with Cutout as well (0.8788 with S1's statistics).
     """
-    if images < 1 or len(data) == 0:
-        raise ValueError(f"BN recalibration needs images: asked for {images} of {len(data)}")
-    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over all recalibration batches
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data), generator=g)[:images]
-    device = next(model.backbone.parameters()).device
+    def own_paths(x: torch.Tensor) -> torch.Tensor:
+        keep = model.decide(x)
+        model.backbone.train()  # decide() may have put the model in eval mode
+        return execute(model.backbone, x, keep)
+
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            x = normalize(augment(data.images[idx], g))
-            if cutout_size:
-                x = cutout(x, cutout_size, g)
-            x = x.to(device)
-            keep = model.decide(x)
-            model.backbone.train()
-            execute(model.backbone, x, keep)
+        reestimate_bn(model.backbone, data, images=images, batch_size=batch_size, seed=seed, cutout_size=cutout_size,
+                      forward=own_paths)
     finally:
-        for bn, m in zip(bns, momenta):
-            bn.momentum = m
         model.eval()
 
 
