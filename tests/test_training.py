@@ -334,13 +334,14 @@ def test_s1_distillation_pulls_the_student_towards_its_teacher(image_dir, tmp_pa
         train_backbone(_tiny_s1(image_dir, teacher=str(teacher), distill=1.5), tmp_path / "bad")
 
 
-def test_killed_finetune_resumes_to_the_same_weights(image_dir, gated_checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fields", [{}, {"schedule": "constant", "average_from": 0}], ids=["cosine", "weight-averaging"])
+def test_killed_finetune_resumes_to_the_same_weights(image_dir, gated_checkpoint, tmp_path, monkeypatch, fields):
     import training.finetune as finetune_stage
     from training.finetune import FinetuneConfig, finetune
 
     train, _ = split_train_val(load_image_folder(image_dir), val_fraction=0.25, seed=0)
     path = gated_checkpoint
-    cfg = FinetuneConfig(epochs=2, batch_size=16, distill=0.5, recalibration_images=45)
+    cfg = FinetuneConfig(epochs=2, batch_size=16, distill=0.5, recalibration_images=45, **fields)
     reference = finetune(GatedModel.load(path), train, cfg, tmp_path / "straight")
 
     with pytest.raises(KeyboardInterrupt), killed_mid_epoch_two(monkeypatch, finetune_stage):
@@ -349,6 +350,27 @@ def test_killed_finetune_resumes_to_the_same_weights(image_dir, gated_checkpoint
     a, b = reference.backbone.state_dict(), resumed.backbone.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["stem.0.weight"], GatedModel.load(path).backbone.state_dict()["stem.0.weight"])
+
+
+def test_s5_weight_averaging_ships_the_mean_of_the_epochs_weights(image_dir, gated_checkpoint, tmp_path):
+    from training.finetune import FinetuneConfig, check_config, finetune
+
+    train, _ = split_train_val(load_image_folder(image_dir), val_fraction=0.25, seed=0)
+    cfg = FinetuneConfig(batch_size=16, recalibration_images=45, schedule="constant")  # epoch 1 the same in both
+    after = [finetune(GatedModel.load(gated_checkpoint), train, dataclasses.replace(cfg, epochs=e), tmp_path / f"e{e}")
+             .backbone.state_dict() for e in (1, 2)]
+    got = finetune(GatedModel.load(gated_checkpoint), train, dataclasses.replace(cfg, epochs=2, average_from=0),
+                   tmp_path / "swa").backbone.state_dict()
+    stats = [name for name in got if name.endswith(("running_mean", "running_var"))]
+    # recalibrated for the averaged weights (a unit no image runs keeps its reset statistics in both)
+    assert sum(not torch.allclose(got[name], after[1][name]) for name in stats) > len(stats) // 2
+    for name, value in got.items():
+        if value.is_floating_point() and name not in stats:
+            assert torch.allclose(value, (after[0][name] + after[1][name]) / 2, atol=1e-6), name
+    for fields, match in [({"average_from": 2}, "average_from must be an epoch in \\[0, 2\\)"),
+                          ({"schedule": "step"}, "schedule must be 'cosine' or 'constant'")]:
+        with pytest.raises(ValueError, match=match):
+            check_config(dataclasses.replace(cfg, epochs=2, **fields))
 
 
 @pytest.mark.parametrize("policy", ["threshold", "softmax"])

@@ -29,7 +29,11 @@ class FinetuneConfig:
     flops_target: Optional[float] = None
     epochs: int = 3
     batch_size: int = 128
-    lr: float = 0.01  # cosine from here to zero
+    lr: float = 0.01  # peak learning rate
+    schedule: str = "cosine"  # "cosine" from lr to zero, or "constant" (SWA's, with average_from)
+    # stochastic weight averaging (Izmailov et al. 2018): from this epoch on (0-based), the backbone's weights are
+    # averaged at every epoch end and S5 ships the average, its BN recalibrated on the gated paths; None = off
+    average_from: Optional[int] = None
     momentum: float = 0.9
     weight_decay: float = 5e-4
     recalibration_images: int = 10_000  # augmented training images whose gated paths set the BN statistics
@@ -142,6 +146,12 @@ def check_config(cfg: FinetuneConfig) -> None:
                          f"got {cfg.epochs} and {cfg.batch_size}")
     if cfg.recalibration_images < 1:
         raise ValueError(f"recalibration_images must be >= 1 (BN statistics come from them), got {cfg.recalibration_images}")
+    if cfg.schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+    if cfg.average_from is not None and (isinstance(cfg.average_from, bool) or not isinstance(cfg.average_from, int)
+                                         or not 0 <= cfg.average_from < cfg.epochs):
+        raise ValueError(f"average_from must be an epoch in [0, {cfg.epochs}) (or None: no averaging), "
+                         f"got {cfg.average_from!r}")
     check_cutout(cfg.cutout)
     pick_device(cfg.device)
     use_bf16(torch.device("cpu"), cfg.amp)  # refuses an unknown amp setting
@@ -172,12 +182,16 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = max(cfg.epochs * steps_per_epoch, 1)
+    # BN buffers are not averaged: the recalibration at the end re-estimates them for the averaged weights
+    average = torch.optim.swa_utils.AveragedModel(model.backbone) if cfg.average_from is not None else None
     start = 0
     state = run.resume()
     if state is not None:
         model.backbone.load_state_dict(state["backbone"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["epoch"])
+        if average is not None and "average" in state:
+            average.load_state_dict(state["average"])
     for epoch in range(start, cfg.epochs):
         g = epoch_generator(cfg.seed, epoch)
         t0, loss_sum, seen = time.perf_counter(), 0.0, 0
@@ -185,7 +199,7 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
                                         unit="batch", desc=f"S5 epoch {epoch + 1}/{cfg.epochs}")):
             t = (epoch * steps_per_epoch + step) / total
             for group in opt.param_groups:
-                group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
+                group["lr"] = cfg.lr if cfg.schedule == "constant" else 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
             x = normalize(augment(train.images[idx], g))
             if cfg.cutout:
                 x = cutout(x, cfg.cutout, g)
@@ -198,8 +212,13 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
             opt.step()
             loss_sum += loss.item() * len(idx)
             seen += len(idx)
-        run.end_epoch({"backbone": model.backbone.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1},
-                      {"epoch": epoch, "train_loss": loss_sum / seen, "seconds": time.perf_counter() - t0})
+        state = {"backbone": model.backbone.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1}
+        if average is not None and epoch >= cfg.average_from:
+            average.update_parameters(model.backbone)
+            state["average"] = average.state_dict()
+        run.end_epoch(state, {"epoch": epoch, "train_loss": loss_sum / seen, "seconds": time.perf_counter() - t0})
+    if average is not None and cfg.epochs > 0:
+        model.backbone.load_state_dict(average.module.state_dict())
     recalibrate_bn(model, train, images=cfg.recalibration_images, seed=cfg.seed, cutout_size=cfg.cutout)
     model.backbone.to(memory_format=torch.contiguous_format)
     model.gate.requires_grad_(True)
