@@ -3,8 +3,9 @@
 The gate of runs/default-190/round1/gated.safetensors is kept (so its FLOPs are counted, as for the
 gated model) but made constant: fc weight 0, bias +1 for a kept unit and -1 for a skipped one, so
 `threshold` at round 1's alpha (-0.0738) keeps the same units for every image. The skipped units
-are the six round 1's gate skipped most often on the validation split (skip rates 0.93, 0.94,
-0.93, 0.78, 0.66, 0.53 for units 6, 7, 8, 9, 1, 2; the shipped default skips the same six most).
+are the six round 1's gate skipped most often on the training split (skip_rates_train.py: 0.93,
+0.95, 0.92, 0.78, 0.66, 0.53 for units 6, 7, 8, 9, 1, 2, the next 0.32; the same six on the
+validation split, and the shipped default skips the same six most).
 """
 import sys
 
