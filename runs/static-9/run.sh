@@ -1,23 +1,20 @@
 #!/bin/bash
-# Static baseline of round 1 (runs/default-190): one fixed path of 9 units, the same S5 as round 1.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-S=.venv/bin/skipserve
-R=runs/static-9
-D=../shared/data/cifar10-train-jpeg.tar.gz
-[ -f $R/start.safetensors ] || .venv/bin/python $R/make_start.py runs/default-190/round1/gated.safetensors $R/start.safetensors
+# Static baseline of round 1: one fixed path of 9 units for every image, the same S5 as round 1.
+# SRC (a round-1 gated checkpoint), TEACHER (its S1 backbone) and R (the output folder) default to
+# runs/default-190's; runs/static-9-swa/run.sh sets them for the SWA backbone.
+source "$(dirname "$0")/../lib.sh"
+SRC=${SRC:-runs/default-190/round1/gated.safetensors}
+TEACHER=${TEACHER:-runs/default-190/s1/backbone.safetensors}
+R=${R:-runs/static-9}
+# which units round 1's gate skips on the training images (make_start.py skips the six it skips most)
+eval_once runs/default-190/round1/gated.safetensors runs/static-9/round1-gate-train-split.json --split train
+[ -f $R/start.safetensors ] || .venv/bin/python runs/static-9/make_start.py $SRC $R/start.safetensors
 # BN statistics for the fixed path on images augmented as S1 trained (Cutout 16), as the pipeline does for round 1's S4 output
-[ -f $R/gated.safetensors ] || $S finetune --checkpoint $R/start.safetensors --epochs 0 --data $D --set cutout=16 --out $R/gated.safetensors --run-dir $R/recal
-if [ ! -f $R/eval-gated.json ]; then
-  $S eval --checkpoint $R/gated.safetensors --data $D --split val --json > $R/eval-gated.json.tmp
-  mv $R/eval-gated.json.tmp $R/eval-gated.json
-fi
+[ -f $R/gated.safetensors ] || $S finetune --checkpoint $R/start.safetensors --epochs 0 --data $D --set cutout=16 \
+    --out $R/gated.safetensors --run-dir $R/recal
+eval_once $R/gated.safetensors $R/eval-gated.json
 # round 1's S5 (runs/default-190/round1/finetune-config.json) with the knob fixed instead of flops_target
 [ -f $R/model.safetensors ] || $S finetune --checkpoint $R/gated.safetensors --data $D \
-    --teacher runs/default-190/s1/backbone.safetensors --epochs 24 --set lr=0.02 --set distill=0.7 \
-    --out $R/model.safetensors --run-dir $R/s5
-if [ ! -f $R/eval.json ]; then
-  $S eval --checkpoint $R/model.safetensors --data $D --split val --json > $R/eval.json.tmp
-  mv $R/eval.json.tmp $R/eval.json
-fi
+    --teacher $TEACHER --epochs 24 --set lr=0.02 --set distill=0.7 --out $R/model.safetensors --run-dir $R/s5
+eval_once $R/model.safetensors $R/eval.json
 echo done
