@@ -53,26 +53,36 @@ class Gate(nn.Module):
 
 @GATES.register("resnet8")
 class ResNet8Gate(Gate):
-    """A ResNet-8 on the image, down-sampled to ``resolution`` and by a stride-2 stem."""
+    """A ResNet-8 on the image, down-sampled to ``resolution`` and by a stride-2 stem.
+
+    ``ordered``: score_i = priority_i + d(x), a learned priority per unit plus one learned scalar per
+    image. Every rule then keeps the units in one fixed order and the image sets only how many run,
+    so the paths are nested (at most n + 1 of them) instead of hundreds: S5 has a few subnetworks
+    to fit rather than one per image pattern.
+    """
 
     kind, upfront = "resnet8", True
 
-    def __init__(self, num_units: int, widths: tuple[int, int, int] = (16, 32, 64), resolution: int = 32):
+    def __init__(self, num_units: int, widths: tuple[int, int, int] = (16, 32, 64), resolution: int = 32,
+                 ordered: bool = False):
         super().__init__()
-        self.num_units, self.widths, self.resolution = num_units, tuple(widths), resolution
+        self.num_units, self.widths, self.resolution, self.ordered = num_units, tuple(widths), resolution, ordered
         w1, w2, w3 = self.widths
         self.stem = nn.Sequential(conv3x3(3, w1, stride=2), nn.BatchNorm2d(w1), nn.ReLU(inplace=True))
         self.blocks = nn.Sequential(CifarBasicBlock(w1, w1), CifarBasicBlock(w1, w2, 2), CifarBasicBlock(w2, w3, 2))
-        self.fc = nn.Linear(w3, num_units)
+        self.fc = nn.Linear(w3, 1 if ordered else num_units)
+        self.priority = nn.Parameter(torch.zeros(num_units)) if ordered else None
 
     def config(self) -> dict:
-        return {"kind": self.kind, "widths": list(self.widths), "resolution": self.resolution}
+        cfg = {"kind": self.kind, "widths": list(self.widths), "resolution": self.resolution}
+        return cfg | {"ordered": True} if self.ordered else cfg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] > self.resolution or x.shape[-2] > self.resolution:
             x = F.adaptive_avg_pool2d(x, self.resolution)
         x = self.blocks(self.stem(x))  # (B, w3, r/8, r/8)
-        return self.fc(x.mean((2, 3)))  # (B, n)
+        scores = self.fc(x.mean((2, 3)))  # (B, n), or (B, 1) when ordered
+        return scores + self.priority if self.ordered else scores
 
 
 @GATES.register("lstm")

@@ -268,3 +268,24 @@ def test_normalize_leaves_a_float_input_alone():
     pixels = torch.full((1, 3, 2, 2), 200.0)
     out = normalize(pixels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert torch.all(pixels == 200.0) and torch.allclose(out, torch.full_like(out, (200 / 255 - 0.5) / 0.25))
+
+
+@pytest.mark.parametrize("policy", ["threshold", "greedy", "softmax", "budget"])
+def test_an_ordered_gate_gives_nested_paths_under_every_rule(policy):
+    backbone = make_backbone("resnet20")
+    torch.manual_seed(0)
+    gate = randomize_bn(build_gate("resnet8", backbone, ordered=True)).eval()
+    with torch.no_grad():
+        gate.priority.copy_(torch.randn(backbone.num_units))
+        gate.fc.weight.mul_(5.0)
+    x = torch.randn(64, 3, 32, 32)
+    with torch.no_grad():
+        scores = gate(x)  # (B, n)
+        keep = GatedModel(backbone, gate, make_policy(policy, knob_for(policy, scores, backbone.num_units))).decide(x)
+    assert torch.allclose(scores - scores[:, :1], (gate.priority - gate.priority[0]).expand(len(x), -1), atol=1e-5)
+    order = gate.priority.argsort(descending=True)
+    counts = keep.sum(1)
+    # each image keeps the first units of one shared order: its path is fixed by how many it keeps
+    assert torch.equal(keep[:, order], torch.arange(backbone.num_units) < counts[:, None])
+    if policy == "threshold":
+        assert len(counts.unique()) > 1  # the image, not only the unit, decides
