@@ -281,7 +281,11 @@ def test_an_ordered_gate_gives_nested_paths_under_every_rule(policy):
     x = torch.randn(64, 3, 32, 32)
     with torch.no_grad():
         scores = gate(x)  # (B, n)
-        keep = GatedModel(backbone, gate, make_policy(policy, knob_for(policy, scores, backbone.num_units))).decide(x)
+        model = GatedModel(backbone, gate, make_policy(policy, knob_for(policy, scores, backbone.num_units))).eval()
+        keep = model.decide(x)
+        # what serving runs (BN folded) keeps the priorities: the same scores to round-off
+        assert torch.allclose(model.for_inference().gate(x.contiguous(memory_format=torch.channels_last)), scores,
+                              atol=1e-4)
     assert torch.allclose(scores - scores[:, :1], (gate.priority - gate.priority[0]).expand(len(x), -1), atol=1e-5)
     order = gate.priority.argsort(descending=True)
     counts = keep.sum(1)
