@@ -14,13 +14,9 @@ from pathlib import Path
 
 import torch
 
-from gating.checkpoint import atomic_write_text
+from common import evaluate_to, serve_at_target, split
 from gating.model import GatedModel
-from training.backbone import load_split
-from training.backbone import BackboneConfig
 from training.data import ImageSet, augment
-from training.evaluate import evaluate_gated
-from training.finetune import FinetuneConfig, recalibrate_bn, served_policy
 from training.gate import GateConfig, train_gate
 from training.labels import LabelConfig, label_dataset, load_labels, save_labels
 from training.run import record_stage
@@ -29,26 +25,22 @@ src, out, views = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 hyper = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {"resolution": 16}
 labels = Path(sys.argv[5]) if len(sys.argv) > 5 else out / "labels.safetensors"
 out.mkdir(parents=True, exist_ok=True)
-train, val = load_split(BackboneConfig(data="../shared/data/cifar10-train-jpeg.tar.gz", val_fraction=0.1, split_seed=0))
-g = torch.Generator().manual_seed(1234)
-aug = ImageSet(torch.cat([torch.cat([augment(train.images[i:i + 5000], g) for i in range(0, len(train), 5000)])
-                          for _ in range(views)]), train.labels.repeat(views), train.classes)
-model = GatedModel.load(src)
-if not labels.exists():
-    save_labels(labels, label_dataset(model.backbone, aug, LabelConfig(batch_size=250)), source=src,
-                num_units=model.num_units)
-imp = load_labels(labels, num_images=len(aug), num_units=model.num_units)
-print("label mean per unit", [round(v, 4) for v in imp.mean(0).tolist()], flush=True)
+train, val = split()
 gated = out / "gated.safetensors"
 if not gated.exists():
+    g = torch.Generator().manual_seed(1234)  # the views, identical on every run: labels and gate see the same images
+    aug = ImageSet(torch.cat([torch.cat([augment(train.images[i:i + 5000], g) for i in range(0, len(train), 5000)])
+                              for _ in range(views)]), train.labels.repeat(views), train.classes)
+    model = GatedModel.load(src)
+    if not labels.exists():
+        save_labels(labels, label_dataset(model.backbone, aug, LabelConfig(batch_size=250)), source=src,
+                    num_units=model.num_units)
+    imp = load_labels(labels, num_images=len(aug), num_units=model.num_units)
+    print("label mean per unit", [round(v, 4) for v in imp.mean(0).tolist()], flush=True)
     model = train_gate(model, aug, imp, GateConfig(kind="resnet8", objective="regression", epochs=15,
                                                    hyper=hyper), out)
-    ft = FinetuneConfig(policy="threshold", flops_target=0.595)
-    model.policy = served_policy(model, train, ft)
-    recalibrate_bn(model, train, images=ft.recalibration_images, seed=ft.seed, cutout_size=16)
+    serve_at_target(model, train)
     record_stage(model, "S4 round 1 (augmented-view labels)", src)
     model.save(gated)
-model = GatedModel.load(gated)
-figures = evaluate_gated(model, val)
-atomic_write_text(out / "eval-gated.json", json.dumps(figures, indent=2) + "\n")
+figures = evaluate_to(GatedModel.load(gated), val, out / "eval-gated.json")
 print({k: figures[k] for k in ("top1", "top1_full", "flops_ratio", "distinct_paths", "units_executed_mean")})
