@@ -592,18 +592,18 @@ def test_second_round_labels_the_paths_of_the_first_rounds_model(image_dir, tmp_
     text = text.replace("distill: 0.5}", "distill: 0.5, cutout: 4}")
     text += "refine: {lr: 0.005, cutout: 6}\n"
     teachers, finetune = [], training.pipeline.finetune
-    cuts, recalibrate = [], training.pipeline.recalibrate_bn
+    cuts, serve = [], training.pipeline.serve_new_gate
 
     def recording_finetune(model, train, cfg, run_dir, *, teacher):
         teachers.append({k: v.clone() for k, v in teacher.state_dict().items()})
         return finetune(model, train, cfg, run_dir, teacher=teacher)
 
-    def recording_recalibration(model, train, **kwargs):
-        cuts.append(kwargs["cutout_size"])
-        return recalibrate(model, train, **kwargs)
+    def recording_serve(model, train, cfg, *, cutout_size):
+        cuts.append(cutout_size)
+        return serve(model, train, cfg, cutout_size=cutout_size)
 
     monkeypatch.setattr(training.pipeline, "finetune", recording_finetune)
-    monkeypatch.setattr(training.pipeline, "recalibrate_bn", recording_recalibration)
+    monkeypatch.setattr(training.pipeline, "serve_new_gate", recording_serve)
     summary = run_pipeline(_recipe(tmp_path, image_dir, text), tmp_path / "run")
     # every round's S5 distils from the S1 backbone, not from what round 1 finetuned it into
     s1 = GatedModel.load(tmp_path / "run" / "s1" / "backbone.safetensors").backbone.state_dict()

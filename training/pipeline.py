@@ -33,7 +33,7 @@ from training.backbone import BackboneConfig, evaluate, load_split, train_backbo
 from training.config import typed_fields
 from training.data import check_cutout
 from training.evaluate import evaluate_gated
-from training.finetune import FinetuneConfig, check_policy, finetune, recalibrate_bn, served_policy
+from training.finetune import FinetuneConfig, check_policy, finetune, serve_new_gate
 from training.finetune import check_config as check_finetune
 from training.gate import GateConfig, make_gate, train_gate
 from training.labels import LabelConfig, label_dataset, load_labels, save_labels
@@ -235,13 +235,9 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
                 model = GatedModel.load(gated)
             else:
                 model = train_gate(model, train, imp, recipe.gate, rdir)
-                ft = recipe.finetune_config(k)
-                model.policy = served_policy(model, train, ft)
-                # a new gate sends images down other paths: BN statistics for them, on images augmented
-                # as the backbone was last trained (S1's augmentation in round 1, the previous round's S5's later).
-                # The default of commit 1409eb5 (round 2's S4 output) went from 0.8492 to 0.8592 by this alone.
+                # the backbone was last trained by S1 in round 1, by the previous round's S5 later
                 last_cutout = recipe.backbone.cutout if k == 1 else recipe.finetune_config(k - 1).cutout
-                recalibrate_bn(model, train, images=ft.recalibration_images, seed=ft.seed, cutout_size=last_cutout)
+                serve_new_gate(model, train, recipe.finetune_config(k), cutout_size=last_cutout)
                 record_stage(model, f"S4 round {k}", str(source), recipe=str(recipe_path))
                 model.save(gated)
             model = finetune(model, train, recipe.finetune_config(k), rdir, teacher=base.backbone)

@@ -6,7 +6,7 @@ from gating.checkpoint import atomic_write_text
 from gating.model import GatedModel
 from training.backbone import BackboneConfig, load_split
 from training.evaluate import evaluate_gated
-from training.finetune import FinetuneConfig, recalibrate_bn, served_policy
+from training.finetune import FinetuneConfig, serve_new_gate
 
 DATA = "../shared/data/cifar10-train-jpeg.tar.gz"
 
@@ -19,10 +19,7 @@ def split():
 def serve_at_target(model: GatedModel, train) -> GatedModel:
     """The threshold rule's alpha for 0.595 of the FLOPs on training images, then BN statistics
     re-estimated on the new paths, on images augmented as S1 trained (Cutout 16)."""
-    ft = FinetuneConfig(policy="threshold", flops_target=0.595)
-    model.policy = served_policy(model, train, ft)
-    recalibrate_bn(model, train, images=ft.recalibration_images, seed=ft.seed, cutout_size=16)
-    return model
+    return serve_new_gate(model, train, FinetuneConfig(policy="threshold", flops_target=0.595), cutout_size=16)
 
 
 def evaluate_to(model: GatedModel, val, path: Path) -> dict:
