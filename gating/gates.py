@@ -24,6 +24,7 @@ GATES: Registry[Callable[..., "Gate"]] = Registry("gate")
 class Gate(nn.Module):
     kind: ClassVar[str]
     upfront: ClassVar[bool]
+    ordered: bool = False  # scores = one priority per unit + one term per image (ResNet8Gate's option)
 
     def config(self) -> dict:
         """Keyword arguments that rebuild this gate with ``build_gate``."""
@@ -76,6 +77,14 @@ class ResNet8Gate(Gate):
     def config(self) -> dict:
         cfg = {"kind": self.kind, "widths": list(self.widths), "resolution": self.resolution}
         return cfg | {"ordered": True} if self.ordered else cfg
+
+    @torch.no_grad()
+    def scale_image_term(self, factor: float) -> None:
+        """Ordered only: d(x) times ``factor``, so fewer images leave the common order (0: one path for all)."""
+        if not self.ordered:
+            raise ValueError("only an ordered gate has a per-image term to scale (resnet8 with hyper {ordered: true})")
+        self.fc.weight.mul_(factor)
+        self.fc.bias.mul_(factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] > self.resolution or x.shape[-2] > self.resolution:

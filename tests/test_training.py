@@ -1,5 +1,6 @@
 """Training stages on tiny models and data: real behaviour, seconds each."""
 import contextlib
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -632,6 +633,23 @@ def test_a_gate_hyper_parameter_the_gate_does_not_take_fails_clearly(gated_check
         train_gate(model, train, imp, GateConfig(hyper={"depth": 3}), tmp_path / "gate")
 
 
+def test_an_ordered_gates_per_image_term_is_scaled_after_training_and_its_order_kept(tmp_path):
+    from training.data import normalize
+
+    backbone = make_backbone("resnet20")
+    train, imp = _synthetic_gate_task(64, backbone.num_units, seed=0)
+    cfg = GateConfig(hyper={"ordered": True}, epochs=2, batch_size=32)
+    full = train_gate(GatedModel(copy.deepcopy(backbone)), train, imp, cfg, tmp_path / "full").gate
+    half = train_gate(GatedModel(copy.deepcopy(backbone)), train, imp, dataclasses.replace(cfg, image_scale=0.5),
+                      tmp_path / "half").gate
+    x = normalize(train.images[:16])
+    with torch.no_grad():
+        assert torch.allclose(half(x) - half.priority, 0.5 * (full(x) - full.priority), atol=1e-6)
+    assert torch.equal(half.priority, full.priority)
+    with pytest.raises(ValueError, match="image_scale 0.5 scales an ordered gate's per-image term; this mlp gate"):
+        train_gate(GatedModel(backbone), train, imp, GateConfig(kind="mlp", image_scale=0.5), tmp_path / "mlp")
+
+
 def test_the_final_model_is_the_best_round_not_the_last():
     from training.pipeline import best_round
 
@@ -672,6 +690,8 @@ def test_the_final_model_is_the_best_round_not_the_last():
     ("gate: {objective: rewards}\n", "\\[gate\\] unknown gate objective 'rewards'"),
     ("gate: {kind: mlp, hyper: {depth: 3}}\n", "\\[gate\\] gate hyper \\{'depth': 3\\} does not fit a mlp gate"),
     ("gate: {epochs: 0}\n", "\\[gate\\] gate epochs and batch_size must be >= 1"),
+    ("gate: {kind: resnet8, image_scale: 0.25}\n", "\\[gate\\] image_scale 0.25 scales an ordered gate's"),
+    ("gate: {hyper: {ordered: true}, image_scale: -1}\n", "\\[gate\\] image_scale must be >= 0"),
     ("finetune: {amp: yes_please}\n", "\\[finetune\\] amp must be 'auto', 'on' or 'off'"),
     ("finetune: {distill: 3}\n", "\\[finetune\\] distill must be in \\[0, 1\\], got 3"),
     ("refine: {distill: 5}\n", "\\[refine\\] distill must be in"),

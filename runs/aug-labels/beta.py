@@ -6,8 +6,6 @@ import copy
 import sys
 from pathlib import Path
 
-import torch
-
 from common import evaluate_to, serve_at_target, split
 from gating.model import GatedModel
 
@@ -17,9 +15,7 @@ base = GatedModel.load(src)
 print("priority", [round(v, 3) for v in base.gate.priority.tolist()], flush=True)
 for beta in map(float, sys.argv[3:]):
     model = copy.deepcopy(base)
-    with torch.no_grad():
-        model.gate.fc.weight.mul_(beta)
-        model.gate.fc.bias.mul_(beta)
+    model.gate.scale_image_term(beta)  # what GateConfig.image_scale does at the end of S4
     serve_at_target(model, train).save(out / f"gated-beta{beta}.safetensors")
     f = evaluate_to(model, val, out / f"eval-gated-beta{beta}.json")
     print(beta, {k: f[k] for k in ("top1", "flops_ratio", "distinct_paths", "units_executed_mean")},
