@@ -16,7 +16,7 @@ for m in swa-ordered/gated-beta0.25 swa-v2/gated; do
       --set lr=0.02 --set distill=0.7 --out $A/$m-s5e6.safetensors --run-dir $A/$m-s5e6
   eval_once $A/$m-s5e6.safetensors $A/$m-s5e6.json
 done
-# the run that settles it: round 1's full S5 (24 epochs) on the nested paths, against 0.8900 (round 1
+# round 1's full S5 (24 epochs) on the nested paths: 0.8982 (docs/training-log.md), against 0.8900 (round 1
 # on this backbone, 227 paths) and 0.9078 (one fixed path). Resumes from ordered-s5e24/finetune-state.pt.
 [ -f $A/ordered-s5e24.safetensors ] || $S finetune --checkpoint $A/swa-ordered/gated-beta0.25.safetensors --data $D \
     --teacher $B --epochs 24 --set lr=0.02 --set distill=0.7 --out $A/ordered-s5e24.safetensors --run-dir $A/ordered-s5e24
