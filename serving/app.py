@@ -242,7 +242,7 @@ class GatedModelServer:
         self._images_per_v2_request = 1.0  # running mean: what a v2 request still being read counts as
         self._apply_batching(self.settings.max_batch_size, self.settings.batch_wait_ms)
         self.autopilot = self._make_autopilot()
-        self._export_budget()
+        self._export_gauges()
         threading.Thread(target=self._control_loop, name="skipserve-autopilot", daemon=True).start()
         logger.info("skipserve: serving %s (%s) as %r, policy %s, %d units, %d torch threads", path,
                     self.engine.model.card.arch.get("name"), self.name, self.engine.default_policy,
@@ -279,7 +279,7 @@ class GatedModelServer:
             self.engine.default_policy = rule
             if self.autopilot is not None:  # the new knob is the autopilot's new baseline
                 self.autopilot = self._make_autopilot()
-            self._export_budget()
+            self._export_gauges()
         self._apply_batching(max_batch_size, float(batch_wait_ms))
 
     def _make_autopilot(self) -> Optional[Autopilot]:
@@ -292,7 +292,7 @@ class GatedModelServer:
         return pilot
 
     def _control_loop(self) -> None:
-        """Every period: one autopilot decision (when on), and the budget gauge refreshed."""
+        """Every period: one autopilot decision (when on), and the gauges exported again."""
         period = self.autopilot.cfg.interval_s if self.autopilot else 5.0
         while True:
             time.sleep(period)
@@ -302,16 +302,19 @@ class GatedModelServer:
                 served = pilot.policy
                 if served.key != self.engine.default_policy.key:
                     self.engine.default_policy = served
-            self._export_budget()
+            self._export_gauges()
 
     def _apply_batching(self, max_batch_size: int, batch_wait_ms: float) -> None:
         self.settings.max_batch_size, self.settings.batch_wait_ms = max_batch_size, batch_wait_ms
         self._infer.set_max_batch_size(max_batch_size)
         self._infer.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
-    def _export_budget(self) -> None:
+    def _export_gauges(self) -> None:
+        # both every period, not only when they change: the units gauge, set once in __init__, was once
+        # missing from the export (a fresh-clone test run on a loaded VM read 0 units)
         cap = self.engine.default_policy.cap
         self.metrics.budget.set(math.nan if cap is None else cap)
+        self.metrics.units.set(self.engine.num_units)
 
     # ------------------------------------------------------------------ inference
     # Two batches in flight: with the model in its own process, the next batch is already waiting

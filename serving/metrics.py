@@ -60,7 +60,6 @@ class ServeMetrics:
         for m in (self.requests, self.images, self.unit_executed, self.flops_executed, self.flops_full,
                   self.latency, self.batch_size, self.budget, self.units):
             m.set_default_tags({"model": model})  # a fresh dict: Ray adds its own tags to it in place
-        self.num_units = num_units
         self.units.set(num_units)
         self._unit_tags = [{"unit": str(i)} for i in range(num_units)]
 
@@ -69,9 +68,6 @@ class ServeMetrics:
         self.latency.observe(seconds, tags={"route": route})
 
     def batch(self, images: int, unit_counts: list[int], flops_executed: float, flops_full: float) -> None:
-        # again with every batch: a value recorded in __init__ alone was once missing from the export (a
-        # fresh-clone run on a loaded VM), and a gauge that is last-value costs nothing to set again
-        self.units.set(self.num_units)
         self.batch_size.observe(images)
         self.images.inc(images)
         for tags, count in zip(self._unit_tags, unit_counts):

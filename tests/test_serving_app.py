@@ -348,7 +348,7 @@ def test_reconfigure_checks_everything_before_applying_anything(gated_checkpoint
     cls = GatedModelServer.func_or_class  # the method alone: no Ray
     applied = []
     replica = SimpleNamespace(settings=ServerSettings(), engine=Engine(gated_checkpoint, threads=1), autopilot=None,
-                              _export_budget=lambda: None, _apply_batching=lambda b, w: applied.append((b, w)))
+                              _export_gauges=lambda: None, _apply_batching=lambda b, w: applied.append((b, w)))
     reconfigure = MethodType(cls.reconfigure, replica)
     before = replica.engine.default_policy
     for bad, message in (({"policy": "greedy", "knob": 1000}, "greedy k=1000 exceeds"),
