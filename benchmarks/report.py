@@ -45,11 +45,14 @@ def plot_accuracy(acc: dict, out: Path) -> str:
 
     fig, ax = plt.subplots(figsize=(11, 5.5))
     # colour = gate kind, line and marker = decision rule; random skipping black, extra models red
+    # (their static paths dashed)
     styles = {"budget": "-o", "greedy": "--s", "threshold": ":^", "softmax": "-.v"}
     colours = {"resnet8": "tab:blue", "lstm": "tab:orange", "mlp": "tab:green"}
     for s in acc["series"]:
         pts = sorted(s["points"], key=lambda p: p["flops_ratio"])
-        if s["gate"] is None:
+        if s["rule"] == "static":
+            style, colour = "--P", "tab:red"
+        elif s["gate"] is None:
             style, colour = "-x", "black"
         elif s["name"] in acc.get("config", {}).get("extra_models", {}):
             style, colour = "-D", "tab:red"
@@ -67,11 +70,11 @@ def plot_accuracy(acc: dict, out: Path) -> str:
     return _save(fig, out / "accuracy_vs_flops.png")
 
 
-def random_at(random_points: list[dict], flops_ratio: float) -> float | None:
-    """Top-1 of random skipping at ``flops_ratio``: interpolated on its curve, and beyond its
-    last point the last point's (spending more than the full backbone buys nothing); None
-    below its first point."""
-    pts = sorted((p["flops_ratio"], p["top1"]) for p in random_points)
+def curve_at(points: list[dict], flops_ratio: float) -> float | None:
+    """Top-1 of a baseline curve (random skipping, a static path) at ``flops_ratio``: interpolated,
+    and beyond its last point the last point's (spending more than the full backbone buys
+    nothing); None below its first point."""
+    pts = sorted((p["flops_ratio"], p["top1"]) for p in points)
     if flops_ratio < pts[0][0]:
         return None
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
@@ -82,14 +85,14 @@ def random_at(random_points: list[dict], flops_ratio: float) -> float | None:
 
 def gates_vs_random(acc: dict) -> list[dict]:
     """Per trained series: at how many of its points random skipping at the same FLOPs is more accurate."""
-    rand = next((s for s in acc["series"] if s["gate"] is None), None)
+    rand = next((s for s in acc["series"] if s["gate"] is None and s["rule"] != "static"), None)
     if rand is None:
         return []
     rows = []
     for s in acc["series"]:
         if s is rand:
             continue
-        compared = [(p, random_at(rand["points"], p["flops_ratio"])) for p in s["points"]]
+        compared = [(p, curve_at(rand["points"], p["flops_ratio"])) for p in s["points"]]
         compared = [(p, r) for p, r in compared if r is not None]
         beaten = [(p, r) for p, r in compared if r > p["top1"] + 1e-9]  # 1e-9: interpolation round-off
         worst = max(beaten, key=lambda pr: pr[1] - pr[0]["top1"], default=None)
@@ -97,6 +100,23 @@ def gates_vs_random(acc: dict) -> list[dict]:
                      "over_full_cost": sum(p["flops_ratio"] > 1.0 for p, _ in compared),
                      "worst": None if worst is None else {"flops_ratio": worst[0]["flops_ratio"],
                                                           "top1": worst[0]["top1"], "random_top1": worst[1]}})
+    return rows
+
+
+def served_vs_static(acc: dict) -> list[dict]:
+    """Per gated model with a static path in ``acc``: at how many of its points that path, run with the
+    same weights for every image and no gate, is at least as accurate at the same FLOPs, and by how much
+    at the point where the gate is furthest behind (or least ahead)."""
+    named = {s["name"]: s for s in acc["series"]}
+    rows = []
+    for static in (s for s in acc["series"] if s.get("static_of") in named):
+        compared = [(p, curve_at(static["points"], p["flops_ratio"])) for p in named[static["static_of"]]["points"]]
+        compared = [(p, f) for p, f in compared if f is not None]
+        worst = max(compared, key=lambda pf: pf[1] - pf[0]["top1"], default=None)
+        rows.append({"name": static["static_of"], "points": len(compared),
+                     "static_better": sum(f >= p["top1"] - 1e-9 for p, f in compared),
+                     "worst": None if worst is None else {"flops_ratio": worst[0]["flops_ratio"],
+                                                          "top1": worst[0]["top1"], "static_top1": worst[1]}})
     return rows
 
 
@@ -255,7 +275,7 @@ def render(r: dict, caption: str) -> str:
         pts = ", ".join(f"{100 * p['flops_ratio']:.0f}:{100 * p['top1']:.1f}"
                         for p in sorted(s["points"], key=lambda p: p["flops_ratio"]))
         lines.append(f"| {s['name']} | {pts} |")
-    lines += ["", *_random_sentences(acc)]
+    lines += ["", *_random_sentences(acc), *_static_sentences(acc)]
     lines += ["", "## Measured time vs FLOPs-ideal time (gated executor, masked execution)", "",
               f"![engine]({r['plots']['engine']})", "",
               "| batch | skip | full ms | gated ms | masked ms | speedup | ideal | efficiency |",
@@ -279,6 +299,21 @@ def render(r: dict, caption: str) -> str:
               f"{lab['images']} images, {lab['units']} units: naive {lab['naive_s']:.1f} s, cached {lab['cached_s']:.1f} s, "
               f"speedup {lab['speedup']:.2f}x, max |difference| {lab['max_abs_diff']:.1e}.", ""]
     return "\n".join(lines)
+
+
+def _static_sentences(acc: dict) -> list[str]:
+    """The gated model against its static path, said plainly."""
+    lines = []
+    for r in served_vs_static(acc):
+        w = r["worst"]
+        if w is None:
+            continue
+        lines += ["", f"{r['name']} against its static path (the units its gate keeps most often on training "
+                  f"images, run for every image, no gate): the static path is as accurate or more at "
+                  f"{r['static_better']} of {r['points']} points at the same FLOPs; the gate is furthest behind "
+                  f"(or least ahead) at {100 * w['flops_ratio']:.0f} % FLOPs: {100 * w['top1']:.1f} % against "
+                  f"{100 * w['static_top1']:.1f} %."]
+    return lines
 
 
 def _random_sentences(acc: dict) -> list[str]:

@@ -406,7 +406,8 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
     cfg = AccuracyBenchConfig(backbone=args.backbone, labels=args.labels or "", data=args.data,
                               gate_epochs=args.gate_epochs, val_images=args.val_images, run_dir=args.run_dir)
     if args.gates:
-        cfg.gates = tuple(args.gates.split(","))
+        cfg.gates = () if args.gates == "none" else tuple(args.gates.split(","))
+    cfg.extra_models = {f"{args.checkpoint} (after S5)": args.checkpoint}
     if args.quick:
         cfg.gate_epochs, cfg.val_images = 1, cfg.val_images or 500
     result = run(cfg)
@@ -680,12 +681,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images-per-request", type=POSITIVE_INT, default=16,
                    help="images per request (v2; 1 = /v1/predict) (default: 16)")
     p.add_argument("--quick", action="store_true", help="short phases (smoke test)")
-    p = benchmark("accuracy", "validation top-1 vs executed FLOPs: every gate kind and rule, random skipping",
+    p = benchmark("accuracy", "validation top-1 vs executed FLOPs: every gate kind and rule, random skipping, "
+                  "a gated model against its static path",
                   _bench_accuracy)
     p.add_argument("--backbone", default="default-backbone", help="S1 backbone the gates are trained on")
     p.add_argument("--labels", help="its S3 labels (default: compute them)")
     p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--gates", help="comma-separated gate kinds (default: resnet8,lstm,mlp)")
+    p.add_argument("--gates", help="comma-separated gate kinds, or none (default: resnet8,lstm,mlp)")
+    p.add_argument("--checkpoint", default="default",
+                   help="a gated model after S5: its curve and its static path's (default: default)")
     p.add_argument("--gate-epochs", type=POSITIVE_INT, default=5, help="S4 epochs per gate (default: 5)")
     p.add_argument("--val-images", type=POSITIVE_INT, help="N validation images, drawn with seed 0 (default: all)")
     p.add_argument("--run-dir", default="runs/bench-accuracy", help="where the gates' S4 runs go (resumable)")

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from benchmarks.report import gates_vs_random, random_at, replot
+from benchmarks.report import curve_at, gates_vs_random, replot, served_vs_static
 
 RANDOM = {"name": "random skipping", "gate": None, "rule": "budget",
           "points": [{"flops_ratio": 0.3, "top1": 0.1}, {"flops_ratio": 0.5, "top1": 0.3},
@@ -11,10 +11,10 @@ RANDOM = {"name": "random skipping", "gate": None, "rule": "budget",
 
 
 def test_random_curve_is_interpolated_and_flat_beyond_full_cost():
-    assert random_at(RANDOM["points"], 0.4) == pytest.approx(0.2)
-    assert random_at(RANDOM["points"], 1.0) == pytest.approx(0.9)
-    assert random_at(RANDOM["points"], 1.7) == pytest.approx(0.9)  # the full backbone is cheaper
-    assert random_at(RANDOM["points"], 0.2) is None  # below its cheapest point: nothing to compare
+    assert curve_at(RANDOM["points"], 0.4) == pytest.approx(0.2)
+    assert curve_at(RANDOM["points"], 1.0) == pytest.approx(0.9)
+    assert curve_at(RANDOM["points"], 1.7) == pytest.approx(0.9)  # the full backbone is cheaper
+    assert curve_at(RANDOM["points"], 0.2) is None  # below its cheapest point: nothing to compare
 
 
 def test_series_where_random_is_better_are_named_with_their_worst_point():
@@ -52,3 +52,18 @@ def test_replot_redraws_from_results_and_refuses_a_directory_without_them(tmp_pa
     md = (tmp_path / "report.md").read_text()
     assert "commit abc1234" in md and "redrawn from results.json" in md  # measured-by and drawn-by both said
     assert "- resnet8 gate, budget: 1 of 2 points" in md  # 0.2 at 50 % FLOPs is below random's 0.3
+
+
+def test_a_gated_model_is_compared_with_its_static_path_not_with_random_skipping():
+    gated = {"name": "served", "gate": "resnet8", "rule": "budget",
+             "points": [{"flops_ratio": 0.4, "top1": 0.7}, {"flops_ratio": 0.6, "top1": 0.8}]}
+    static = {"name": "served: static path", "gate": None, "rule": "static", "static_of": "served",
+              "points": [{"flops_ratio": 0.3, "top1": 0.5}, {"flops_ratio": 0.5, "top1": 0.7},
+                         {"flops_ratio": 0.7, "top1": 0.9}]}
+    acc = {"series": [RANDOM, gated, static]}
+    (row,) = served_vs_static(acc)
+    # at 0.4 the static path is interpolated to 0.6 (gate ahead); at 0.6 to 0.8 (a tie: static as good)
+    assert (row["name"], row["points"], row["static_better"]) == ("served", 2, 1)
+    assert row["worst"] == {"flops_ratio": 0.6, "top1": 0.8, "static_top1": pytest.approx(0.8)}
+    rows = {r["name"]: r for r in gates_vs_random(acc)}
+    assert set(rows) == {"served", "served: static path"}  # random skipping stays the baseline of both
