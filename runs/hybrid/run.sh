@@ -1,13 +1,18 @@
 #!/bin/bash
-# A per-image gate around runs/static-9-swa's fixed path (make.py): the hybrid as built, after BN
-# recalibration on its three paths, and after a short S5 from the static model's weights (the static
-# path already had its 24 epochs; these 8 at a quarter of its rate let the weights fit the new paths).
+# A per-image gate around runs/static-9-swa's fixed path (make.py): labels on that path (S3 on its
+# own paths), a ResNet-8 gate trained on them (S4, the shipped gate's config), one unit dropped for
+# easy images and one added for hard ones; BN re-estimated on the new paths, then a short S5 from the
+# static model's weights (the static path already had its 24 epochs; these 8 at a quarter of its rate
+# let the weights fit the new paths).
 source "$(dirname "$0")/../lib.sh"
 R=runs/hybrid
 STATIC=runs/static-9-swa/model.safetensors
 TEACHER=runs/default-swa-s5/s1/backbone.safetensors
-[ -f $R/start.safetensors ] || .venv/bin/python $R/make.py $STATIC runs/aug-labels/ordered-s5e24.safetensors $R/start.safetensors
-eval_once $R/start.safetensors $R/eval-start.json
+[ -f $R/labels.safetensors ] || $S label --checkpoint $STATIC --on-paths --data $D --out $R/labels.safetensors
+[ -f $R/gate-raw.safetensors ] || $S train-gate --checkpoint $STATIC --labels $R/labels.safetensors --data $D \
+    --config runs/default-190/round3/gate-config.json --out $R/gate-raw.safetensors --run-dir $R/gate
+[ -f $R/start.safetensors ] || .venv/bin/python $R/make.py $STATIC $R/gate-raw.safetensors $R/labels.safetensors \
+    $R/start.safetensors ${EASY:-0.3} ${TARGET:-0.597}
 [ -f $R/gated.safetensors ] || $S finetune --checkpoint $R/start.safetensors --epochs 0 --data $D --set cutout=16 \
     --out $R/gated.safetensors --run-dir $R/recal
 eval_once $R/gated.safetensors $R/eval-gated.json
