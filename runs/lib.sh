@@ -14,3 +14,16 @@ eval_once() {
   $S eval --checkpoint "$ckpt" --data $D --split val --json "$@" > "$out.tmp"
   mv "$out.tmp" "$out"
 }
+
+# gate_s5 R EPOCHS LR TEACHER: R/start.safetensors's BN re-estimated on its gate's paths on images
+# augmented as S1 trained (Cutout 16) -> R/gated.safetensors, then S5 distilled from TEACHER ->
+# R/model.safetensors, each evaluated once (R/eval-gated.json, R/eval.json)
+gate_s5() {
+  local r=$1 epochs=$2 lr=$3 teacher=$4
+  [ -f $r/gated.safetensors ] || $S finetune --checkpoint $r/start.safetensors --epochs 0 --data $D --set cutout=16 \
+      --out $r/gated.safetensors --run-dir $r/recal
+  eval_once $r/gated.safetensors $r/eval-gated.json
+  [ -f $r/model.safetensors ] || $S finetune --checkpoint $r/gated.safetensors --data $D \
+      --teacher $teacher --epochs $epochs --set lr=$lr --set distill=0.7 --out $r/model.safetensors --run-dir $r/s5
+  eval_once $r/model.safetensors $r/eval.json
+}

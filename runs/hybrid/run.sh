@@ -13,12 +13,7 @@ TEACHER=runs/default-swa-s5/s1/backbone.safetensors
     --config runs/default-190/round3/gate-config.json --out $R/gate-raw.safetensors --run-dir $R/gate
 [ -f $R/start.safetensors ] || .venv/bin/python $R/make.py $STATIC $R/gate-raw.safetensors $R/labels.safetensors \
     $R/start.safetensors ${EASY:-0.3} ${TARGET:-0.597}
-[ -f $R/gated.safetensors ] || $S finetune --checkpoint $R/start.safetensors --epochs 0 --data $D --set cutout=16 \
-    --out $R/gated.safetensors --run-dir $R/recal
-eval_once $R/gated.safetensors $R/eval-gated.json
-[ -f $R/model.safetensors ] || $S finetune --checkpoint $R/gated.safetensors --data $D \
-    --teacher $TEACHER --epochs 8 --set lr=0.005 --set distill=0.7 --out $R/model.safetensors --run-dir $R/s5
-eval_once $R/model.safetensors $R/eval.json
+gate_s5 $R 8 0.005 $TEACHER
 # then the shipped default's last step: 8 epochs at a constant lr 0.005, the weights averaged (SWA), BN on the average
 [ -f $R/swa.safetensors ] || $S finetune --checkpoint $R/model.safetensors --data $D --teacher $TEACHER --epochs 8 \
     --set lr=0.005 --set schedule=constant --set average_from=0 --set distill=0.7 --out $R/swa.safetensors --run-dir $R/swa

@@ -9,12 +9,7 @@ R=${R:-runs/static-9}
 # which units round 1's gate skips on the training images (make_start.py skips the six it skips most)
 eval_once runs/default-190/round1/gated.safetensors runs/static-9/round1-gate-train-split.json --split train
 [ -f $R/start.safetensors ] || .venv/bin/python runs/static-9/make_start.py $SRC $R/start.safetensors
-# BN statistics for the fixed path on images augmented as S1 trained (Cutout 16), as the pipeline does for round 1's S4 output
-[ -f $R/gated.safetensors ] || $S finetune --checkpoint $R/start.safetensors --epochs 0 --data $D --set cutout=16 \
-    --out $R/gated.safetensors --run-dir $R/recal
-eval_once $R/gated.safetensors $R/eval-gated.json
-# round 1's S5 (runs/default-190/round1/finetune-config.json) with the knob fixed instead of flops_target
-[ -f $R/model.safetensors ] || $S finetune --checkpoint $R/gated.safetensors --data $D \
-    --teacher $TEACHER --epochs 24 --set lr=0.02 --set distill=0.7 --out $R/model.safetensors --run-dir $R/s5
-eval_once $R/model.safetensors $R/eval.json
+# BN statistics for the fixed path on images augmented as S1 trained, as the pipeline does for round 1's S4 output,
+# then round 1's S5 (runs/default-190/round1/finetune-config.json) with the knob fixed instead of flops_target
+gate_s5 $R 24 0.02 $TEACHER
 echo done
