@@ -34,6 +34,8 @@ PORT = _typed(int, lambda v: 1 <= v <= 65535, "a port in 1-65535")
 PORT_OR_OFF = _typed(int, lambda v: 0 <= v <= 65535, "a port in 1-65535, or 0 for off")
 LEVELS = _typed(lambda t: tuple(int(c) for c in t.split(",")), lambda v: len(v) > 0 and min(v) >= 1,
                 "comma-separated integers >= 1")
+UNIT_LIST = _typed(lambda t: tuple(int(c) for c in t.split(",")), lambda v: len(v) > 0 and min(v) >= 0,
+                   "comma-separated unit indices >= 0")
 
 
 def _finite(value):
@@ -249,6 +251,39 @@ def _finetune(args: argparse.Namespace) -> int:
                   finetune=vars(cfg), teacher=args.teacher, policy=model.policy.to_dict())
     model.save(args.out)
     print(args.out)
+    return 0
+
+
+def _fix_path(args: argparse.Namespace) -> int:
+    from training.margin import fix_path
+    from training.run import record_stage
+
+    _writable_out(args.out)
+    try:
+        model = fix_path(_load_model(args.checkpoint), args.skip)
+    except ValueError as err:
+        raise ValueError(f"{args.checkpoint}: {err}") from None
+    record_stage(model, "fixed path", args.checkpoint, skipped_units=sorted(set(args.skip)))
+    model.save(args.out)
+    print(f"{args.out}: units {sorted(set(args.skip))} skipped for every image")
+    return 0
+
+
+def _margin_gate(args: argparse.Namespace) -> int:
+    from training.labels import load_labels
+    from training.margin import margin_gate
+    from training.run import record_stage
+
+    _writable_out(args.out)
+    static, trained = _load_model(args.checkpoint), _load_model(args.gate_from)
+    train = _training_split(args, static)
+    imp = load_labels(args.labels, num_images=len(train), num_units=static.num_units)
+    model, chosen = margin_gate(static, trained, imp, train, easy=args.easy, flops_target=args.flops_target)
+    record_stage(model, "margin gate", args.checkpoint, gate_from=args.gate_from, labels=args.labels, **chosen)
+    model.save(args.out)
+    print(f"{args.out}: unit {chosen['drop_unit']} skipped for the easiest {args.easy:.3f} of images, unit "
+          f"{chosen['add_unit']} run for the hardest {chosen['hard_share']:.3f} (the fixed path at "
+          f"{chosen['fixed_path_flops_ratio']:.4f} of the FLOPs)")
     return 0
 
 
@@ -547,6 +582,24 @@ def _add_stages(sub: argparse._SubParsersAction) -> None:
     _add_data(p)
     _add_stage_options(p, "runs/finetune")
     p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("fix-path", help="make a gated checkpoint's gate constant: the same units skipped for every image")
+    p.add_argument("--checkpoint", required=True, help="gated checkpoint (an unordered resnet8 gate)")
+    p.add_argument("--skip", required=True, type=UNIT_LIST, help="units to skip, comma-separated: 1,2,6,7,8,9")
+    p.add_argument("--out", required=True, help="gated checkpoint to write")
+    p.set_defaults(func=_fix_path)
+
+    p = sub.add_parser("margin-gate", help="a fixed path with a per-image margin: one unit fewer for easy "
+                                           "images, one more for hard ones (at most four paths)")
+    p.add_argument("--checkpoint", required=True, help="fixed-path model (fix-path, then finetune)")
+    p.add_argument("--gate-from", required=True, help="train-gate's output on labels of that path")
+    p.add_argument("--labels", required=True, help="`skipserve label --on-paths` of the fixed-path model")
+    p.add_argument("--easy", type=FRACTION, default=0.3, help="share of images that skip one unit more (default 0.3)")
+    p.add_argument("--flops-target", type=SHARE, default=0.597,
+                   help="mean FLOPs ratio, gate counted, that sets the hard share (default 0.597)")
+    p.add_argument("--out", required=True, help="gated checkpoint to write")
+    _add_data(p)
+    p.set_defaults(func=_margin_gate)
 
     p = sub.add_parser("pipeline", help="S6: S1, then S3-S5 rounds until the recipe's targets hold (resumable)")
     p.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/default.yaml")
