@@ -15,12 +15,13 @@ eval_once() {
   mv "$out.tmp" "$out"
 }
 
-# gate_s5 R EPOCHS LR TEACHER: R/start.safetensors's BN re-estimated on its gate's paths on images
-# augmented as S1 trained (Cutout 16) -> R/gated.safetensors, then S5 distilled from TEACHER ->
+# gate_s5 R EPOCHS LR TEACHER [CUTOUT]: R/start.safetensors's BN re-estimated on its gate's paths on images
+# augmented as its weights were last trained (CUTOUT: 16, S1's Cutout, for S1 weights; 0 for weights S5
+# trained, which S5 does without Cutout) -> R/gated.safetensors, then S5 distilled from TEACHER ->
 # R/model.safetensors, each evaluated once (R/eval-gated.json, R/eval.json)
 gate_s5() {
-  local r=$1 epochs=$2 lr=$3 teacher=$4
-  [ -f $r/gated.safetensors ] || $S finetune --checkpoint $r/start.safetensors --epochs 0 --data $D --set cutout=16 \
+  local r=$1 epochs=$2 lr=$3 teacher=$4 cut=${5:-16}
+  [ -f $r/gated.safetensors ] || $S finetune --checkpoint $r/start.safetensors --epochs 0 --data $D --set cutout=$cut \
       --out $r/gated.safetensors --run-dir $r/recal
   eval_once $r/gated.safetensors $r/eval-gated.json
   [ -f $r/model.safetensors ] || $S finetune --checkpoint $r/gated.safetensors --data $D \

@@ -281,9 +281,10 @@ def _margin_gate(args: argparse.Namespace) -> int:
     model, chosen = margin_gate(static, trained, imp, train, easy=args.easy, flops_target=args.flops_target)
     record_stage(model, "margin gate", args.checkpoint, gate_from=args.gate_from, labels=args.labels, **chosen)
     model.save(args.out)
-    print(f"{args.out}: unit {chosen['drop_unit']} skipped for the easiest {args.easy:.3f} of images, unit "
-          f"{chosen['add_unit']} run for the hardest {chosen['hard_share']:.3f} (the fixed path at "
-          f"{chosen['fixed_path_flops_ratio']:.4f} of the FLOPs)")
+    added = "" if chosen["add_unit"] is None else \
+        f", unit {chosen['add_unit']} run for the hardest {chosen['hard_share']:.3f}"
+    print(f"{args.out}: unit {chosen['drop_unit']} skipped for the easiest {args.easy:.3f} of images{added} "
+          f"(the fixed path at {chosen['fixed_path_flops_ratio']:.4f} of the FLOPs)")
     return 0
 
 
@@ -590,13 +591,15 @@ def _add_stages(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_fix_path)
 
     p = sub.add_parser("margin-gate", help="a fixed path with a per-image margin: one unit fewer for easy "
-                                           "images, one more for hard ones (at most four paths)")
+                                           "images, and with --flops-target one more for hard ones "
+                                           "(at most four paths)")
     p.add_argument("--checkpoint", required=True, help="fixed-path model (fix-path, then finetune)")
     p.add_argument("--gate-from", required=True, help="train-gate's output on labels of that path")
     p.add_argument("--labels", required=True, help="`skipserve label --on-paths` of the fixed-path model")
     p.add_argument("--easy", type=FRACTION, default=0.3, help="share of images that skip one unit more (default 0.3)")
-    p.add_argument("--flops-target", type=SHARE, default=0.597,
-                   help="mean FLOPs ratio, gate counted, that sets the hard share (default 0.597)")
+    p.add_argument("--flops-target", type=SHARE, default=None,
+                   help="mean FLOPs ratio, gate counted, that sets the share of hard images running one "
+                        "skipped unit more; without it no unit is added (two paths)")
     p.add_argument("--out", required=True, help="gated checkpoint to write")
     _add_data(p)
     p.set_defaults(func=_margin_gate)

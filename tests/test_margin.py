@@ -85,6 +85,29 @@ def test_the_margin_gate_decides_two_units_per_image_at_the_flops_target(gated_c
     assert scores[out.keep[:, 4], 4].min() >= scores[~out.keep[:, 4], 4].max()
 
 
+def test_without_a_flops_target_the_margin_only_drops_a_unit_for_easy_images(gated_checkpoint, image_dir):
+    train = load_image_folder(image_dir)
+    static, trained = _static(gated_checkpoint), _trained(gated_checkpoint)
+    imp = _labels(len(train), static.num_units)
+    keep = static.decide(torch.zeros(1, 3, 32, 32))[0]
+    easy = 0.25
+
+    model, chosen = margin_gate(static, trained, imp, train, easy=easy, flops_target=None)
+
+    assert (chosen["drop_unit"], chosen["add_unit"], chosen["hard_share"]) == (5, None, 0.0)
+    x = normalize(train.images, static.card.mean, static.card.std)
+    out = model(x)
+    others = [i for i in range(static.num_units) if i != 5]
+    assert (out.keep[:, others] == keep[others]).all()  # unit 4 stays skipped: nothing added
+    assert len({tuple(k.tolist()) for k in out.keep}) == 2
+    assert abs((~out.keep[:, 5]).float().mean().item() - easy) <= 1.5 / len(train)
+    # the images that drop unit 5 are those the gate predicts it matters least for
+    scores = trained.gate(x)
+    assert scores[~out.keep[:, 5], 5].max() <= scores[out.keep[:, 5], 5].min()
+    fixed = (static.flops.executed(keep[None])[0] + static.gate_flops).item()
+    assert out.flops.mean().item() == pytest.approx(fixed - easy * static.flops.saving()[5].item(), rel=0.02)
+
+
 def test_the_margin_gate_refuses_what_it_cannot_build(gated_checkpoint, image_dir):
     train = load_image_folder(image_dir)
     static, trained = _static(gated_checkpoint), _trained(gated_checkpoint)

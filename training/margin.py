@@ -11,14 +11,15 @@ So the margin route fixes most decisions:
   --on-paths``) decides two units per image: the kept unit whose removal costs least is dropped for
   the easiest ``easy`` share of images, and the skipped unit whose return gains most is run for the
   hardest share, sized so the mean FLOPs (gate counted) land at ``flops_target``. Every other unit
-  keeps the fixed path's decision: at most four paths. A short S5 then fits the weights to them.
+  keeps the fixed path's decision: at most four paths. Without ``flops_target`` no unit is added (two
+  paths: the fixed one, and one unit fewer for easy images). A short S5 then fits the weights to them.
 
 Both need an up-front, unordered ResNet-8 gate: the fixed decisions are folded into its output
 layer's bias, so the checkpoint stays an ordinary gated model that every tool loads and serves.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -65,13 +66,14 @@ def _scores(gate: Gate, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def margin_gate(static: GatedModel, trained: GatedModel, imp: torch.Tensor, train: ImageSet, *,
-                easy: float = 0.3, flops_target: float = 0.597, sample: int = 10_000,
+                easy: float = 0.3, flops_target: Optional[float] = 0.597, sample: int = 10_000,
                 seed: int = 0) -> tuple[GatedModel, dict]:
     """A gated model on ``static``'s backbone and fixed path, with ``trained``'s gate deciding the margin.
 
     ``imp`` (N, n): importance labels on the fixed path for the N images of ``train``; ``trained``: S4's
-    output on those labels. Shares are set on a seeded ``sample`` of the training images. Returns the
-    model (threshold at alpha 0) and what was chosen (units, shares, the fixed path's FLOPs ratio).
+    output on those labels; ``flops_target`` None: drop only, no unit added. Shares are set on a seeded
+    ``sample`` of the training images. Returns the model (threshold at alpha 0) and what was chosen
+    (units, shares, the fixed path's FLOPs ratio; ``add_unit`` None when nothing is added).
     """
     if not 0 < easy < 1:
         raise ValueError(f"easy is the share of images that skip one more unit, in (0, 1); got {easy}")
@@ -92,21 +94,23 @@ def margin_gate(static: GatedModel, trained: GatedModel, imp: torch.Tensor, trai
     mean_imp = imp.double().mean(0)  # (n,)
     units = torch.arange(n)
     drop = units[keep][mean_imp[keep].argmin()].item()
-    add = units[~keep][mean_imp[~keep].argmax()].item()
+    add = None if flops_target is None else units[~keep][mean_imp[~keep].argmax()].item()
 
     gate.eval()
     s = _scores(gate, x).double()  # (N, n) predicted importance
     saving = static.flops.saving().tolist()  # (n,) FLOPs a skip saves
     static_ratio = ((static.flops.executed(keep[None])[0] + static.gate_flops) / static.flops.full).item()
-    hard = (easy * saving[drop] + (flops_target - static_ratio) * static.flops.full) / saving[add]
-    if not 0 < hard < 1:
+    hard = 0.0 if add is None else \
+        (easy * saving[drop] + (flops_target - static_ratio) * static.flops.full) / saving[add]
+    if add is not None and not 0 < hard < 1:
         raise ValueError(f"easy share {easy} and FLOPs target {flops_target} leave a hard share of {hard:.3f} "
                          f"(the fixed path runs at {static_ratio:.4f} of the FLOPs); it must be in (0, 1)")
-    lo, hi = torch.quantile(s[:, drop], easy).item(), torch.quantile(s[:, add], 1 - hard).item()
     shift = torch.where(keep, OFFSET, -OFFSET).to(gate.fc.bias.dtype)
-    shift[drop], shift[add] = -lo, -hi
+    shift[drop] = -torch.quantile(s[:, drop], easy).item()
+    if add is not None:
+        shift[add] = -torch.quantile(s[:, add], 1 - hard).item()
     gate.fc.bias.add_(shift)  # threshold at alpha 0 keeps unit i when its score >= 0
-    others = (units != drop) & (units != add)
+    others = (units != drop) & (units != (-1 if add is None else add))
     if not ((_scores(gate, x)[:, others] >= 0) == keep[others]).all():
         raise ValueError(f"a fixed unit's score crossed 0 after a shift of {OFFSET}: the gate's scores "
                          "spread too far for this route")
