@@ -66,7 +66,7 @@ def _scores(gate: Gate, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def margin_gate(static: GatedModel, trained: GatedModel, imp: torch.Tensor, train: ImageSet, *,
-                easy: float = 0.3, flops_target: Optional[float] = 0.597, sample: int = 10_000,
+                easy: float = 0.3, flops_target: Optional[float] = None, sample: int = 10_000,
                 seed: int = 0) -> tuple[GatedModel, dict]:
     """A gated model on ``static``'s backbone and fixed path, with ``trained``'s gate deciding the margin.
 
@@ -110,7 +110,9 @@ def margin_gate(static: GatedModel, trained: GatedModel, imp: torch.Tensor, trai
     if add is not None:
         shift[add] = -torch.quantile(s[:, add], 1 - hard).item()
     gate.fc.bias.add_(shift)  # threshold at alpha 0 keeps unit i when its score >= 0
-    others = (units != drop) & (units != (-1 if add is None else add))
+    others = units != drop
+    if add is not None:
+        others &= units != add
     if not ((_scores(gate, x)[:, others] >= 0) == keep[others]).all():
         raise ValueError(f"a fixed unit's score crossed 0 after a shift of {OFFSET}: the gate's scores "
                          "spread too far for this route")
