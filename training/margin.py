@@ -94,25 +94,24 @@ def margin_gate(static: GatedModel, trained: GatedModel, imp: torch.Tensor, trai
     mean_imp = imp.double().mean(0)  # (n,)
     units = torch.arange(n)
     drop = units[keep][mean_imp[keep].argmin()].item()
-    add = None if flops_target is None else units[~keep][mean_imp[~keep].argmax()].item()
 
     gate.eval()
     s = _scores(gate, x).double()  # (N, n) predicted importance
     saving = static.flops.saving().tolist()  # (n,) FLOPs a skip saves
     static_ratio = ((static.flops.executed(keep[None])[0] + static.gate_flops) / static.flops.full).item()
-    hard = 0.0 if add is None else \
-        (easy * saving[drop] + (flops_target - static_ratio) * static.flops.full) / saving[add]
-    if add is not None and not 0 < hard < 1:
-        raise ValueError(f"easy share {easy} and FLOPs target {flops_target} leave a hard share of {hard:.3f} "
-                         f"(the fixed path runs at {static_ratio:.4f} of the FLOPs); it must be in (0, 1)")
     shift = torch.where(keep, OFFSET, -OFFSET).to(gate.fc.bias.dtype)
     shift[drop] = -torch.quantile(s[:, drop], easy).item()
-    if add is not None:
+    others = units != drop  # the units that keep the fixed path's decision
+    add, hard = None, 0.0
+    if flops_target is not None:  # the skipped unit that gains most, run for the hardest share
+        add = units[~keep][mean_imp[~keep].argmax()].item()
+        hard = (easy * saving[drop] + (flops_target - static_ratio) * static.flops.full) / saving[add]
+        if not 0 < hard < 1:
+            raise ValueError(f"easy share {easy} and FLOPs target {flops_target} leave a hard share of {hard:.3f} "
+                             f"(the fixed path runs at {static_ratio:.4f} of the FLOPs); it must be in (0, 1)")
         shift[add] = -torch.quantile(s[:, add], 1 - hard).item()
-    gate.fc.bias.add_(shift)  # threshold at alpha 0 keeps unit i when its score >= 0
-    others = units != drop
-    if add is not None:
         others &= units != add
+    gate.fc.bias.add_(shift)  # threshold at alpha 0 keeps unit i when its score >= 0
     if not ((_scores(gate, x)[:, others] >= 0) == keep[others]).all():
         raise ValueError(f"a fixed unit's score crossed 0 after a shift of {OFFSET}: the gate's scores "
                          "spread too far for this route")
