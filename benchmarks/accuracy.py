@@ -38,7 +38,7 @@ class AccuracyBenchConfig:
     extra_models: dict = field(default_factory=lambda: {"default (after S5)": "default"})
     val_images: Optional[int] = None  # evaluate on N validation images drawn with seed 0 (None = all)
     static_rank_images: int = 5000  # training images (seed 0) whose gate decisions rank units for the static path
-    run_dir: str = "runs/bench-accuracy"
+    run_dir: str = "out/bench-accuracy"
 
 
 @torch.inference_mode()

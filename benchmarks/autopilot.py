@@ -21,7 +21,7 @@ from benchmarks.serving import ServingBenchConfig, closed_loop, request_images, 
 class AutopilotBenchConfig:
     checkpoint: str = "default"
     data: str = "../shared/data/cifar10-train-jpeg.tar.gz"
-    slo_p99_ms: float = 350.0  # between the fixed deployment's overload p99 and the floor's (this machine)
+    slo_p99_ms: float = 350.0  # pick it between the fixed deployment's overload p99 and the floor's
     min_budget: float = 0.25
     low_concurrency: int = 2
     high_concurrency: int = 16  # 8x the low load; x 16 images = the replica queue (256), so no 503s
@@ -48,7 +48,7 @@ def recovery_seconds(caps: list[tuple[float, float | None]], baseline: float) ->
 def run(cfg: AutopilotBenchConfig) -> dict:
     from gating.model import GatedModel
     from gating.zoo import resolve_checkpoint
-    from serving.app import model_name_for
+    from serving.settings import model_name_for
     from serving.autopilot import baseline_budget
     from serving.process import ServerProcess
 

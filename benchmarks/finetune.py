@@ -3,9 +3,9 @@
 An S5 step asks the gate for decisions, runs forward and backward on each image's own
 path, and (with distillation) runs the full backbone as teacher. Each part is timed on
 its own, and whole steps in NCHW and channels-last, interleaved, on random images.
-``decide_by_forward_ms`` is a decision taken the way an inline gate must (a backbone pass
-to read the units' inputs), which is also what S5 paid for an up-front gate until
-``GatedModel.decide`` stopped running the backbone for it.
+``decide_ms`` is the model's own decision (``GatedModel.decide``: no backbone pass for an
+up-front gate); ``decide_by_forward_ms`` is one taken the way an inline gate must, by a
+backbone pass that reads the units' inputs.
 """
 from __future__ import annotations
 

@@ -4,9 +4,8 @@ Speedups are measured in this run on this CPU against the unpruned model, both i
 configuration inference runs in (BN folded into the convolutions, channels-last weights and
 input, as ``GatedModel.for_inference``, and the allocator settings of ``gating.runtime``).
 Every model is timed in several fresh processes, all models interleaved in each, and a
-speedup is the median over processes of base ms / pruned ms (with glibc's default
-thresholds one model's time differed by up to 30% between processes; with the server's
-settings, by about 3%).
+speedup is the median over processes of base ms / pruned ms: a model's time varies from
+one process to another with the allocator's history (see ``gating.runtime``).
 """
 from __future__ import annotations
 

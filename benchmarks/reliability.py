@@ -210,7 +210,7 @@ def run(cfg: ReliabilityBenchConfig) -> dict:
     from torchvision.io import encode_jpeg
 
     from gating.zoo import resolve_checkpoint
-    from serving.app import model_name_for
+    from serving.settings import model_name_for
     from serving.engine import Engine, Request
     from serving.images import Limits, decode_image_bytes
     from serving.process import ServerProcess

@@ -242,7 +242,7 @@ def write(results: dict, out: Path) -> dict:
 
 
 def replot(out: str | Path) -> dict:
-    """Redraw the plots and ``report.md`` of an earlier run from its ``results.json``, measuring nothing."""
+    """Redraw the plots and ``report.md`` of a finished run from its ``results.json``, measuring nothing."""
     out = Path(out)
     path = out / "results.json"
     if not path.is_file():

@@ -125,7 +125,7 @@ def summarise(phases: list[dict]) -> dict:
 
 def run(cfg: ServingBenchConfig) -> dict:
     from gating.zoo import resolve_checkpoint
-    from serving.app import model_name_for
+    from serving.settings import model_name_for
     from serving.process import ServerProcess
 
     path = resolve_checkpoint(cfg.checkpoint)

@@ -13,7 +13,7 @@ channels), so shortcuts carry no parameters and no FLOPs.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -184,6 +184,7 @@ class ResidualBackbone(nn.Module):
                  input_size: tuple[int, int, int]):
         super().__init__()
         self.spec = spec
+        self.uncut_spec = spec  # the same network with any removed units back (FLOPs are reported against it)
         self.input_size = input_size  # (C, H, W) the FLOPs profile is taken at
         self.stem = stem
         self.units = nn.ModuleList(units)
@@ -240,6 +241,8 @@ def _cifar_resnet(spec: ArchSpec, depth: int) -> ResidualBackbone:
                                      sources=sources[i // per_stage - 1] if first else None))
         in_planes = planes
     backbone = ResidualBackbone(spec, stem, units, ClassifierHead(stages[2], spec.num_classes), (3, 32, 32))
+    if 0 in inner:  # removed units come back at their stage's width
+        backbone.uncut_spec = replace(spec, inner_widths=tuple(w or widths[i] for i, w in enumerate(inner)))
     # BN weights keep their default of 1. Zero-initialising each unit's last BN (every unit starting
     # as its shortcut) trained this network far more slowly: `skipserve train-backbone`, ResNet-20,
     # 12 epochs on 20,000 images, 0.7294 validation top-1 with it, 0.7834 without (README).

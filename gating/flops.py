@@ -27,6 +27,7 @@ class FlopsProfile:
     head: int  # always run (pool + classifier)
     unit_run: tuple[int, ...]  # unit i executed: shortcut + residual
     unit_skip: tuple[int, ...]  # unit i skipped: shortcut only (0 for identity/option-A shortcuts)
+    removed: int = 0  # what the units a static cut removed would cost (ArchSpec.inner_widths 0)
 
     @property
     def num_units(self) -> int:
@@ -36,6 +37,11 @@ class FlopsProfile:
     def full(self) -> int:
         """Backbone FLOPs with every unit executed."""
         return self.stem + self.head + sum(self.unit_run)
+
+    @property
+    def reference(self) -> int:
+        """FLOPs of the uncut network, every unit executed: what ratios and budgets are taken against."""
+        return self.full + self.removed
 
     @property
     def minimum(self) -> int:

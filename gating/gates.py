@@ -9,7 +9,7 @@ Two families behind one interface:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,6 @@ GATES: Registry[Callable[..., "Gate"]] = Registry("gate")
 class Gate(nn.Module):
     kind: ClassVar[str]
     upfront: ClassVar[bool]
-    ordered: bool = False  # scores = one priority per unit + one term per image (ResNet8Gate's option)
 
     def config(self) -> dict:
         """Keyword arguments that rebuild this gate with ``build_gate``."""
@@ -56,42 +55,51 @@ class Gate(nn.Module):
 class ResNet8Gate(Gate):
     """A ResNet-8 on the image, down-sampled to ``resolution`` and by a stride-2 stem.
 
-    ``ordered``: score_i = priority_i + d(x), a learned priority per unit plus one learned scalar per
-    image. Every rule then keeps the units in one fixed order and the image sets only how many run,
-    so the paths are nested (at most n + 1 of them) instead of hundreds: S5 has a few subnetworks
-    to fit rather than one per image pattern.
+    ``units``: the units it decides (indices into the backbone's units); every other unit always runs,
+    scored +inf. None: it scores every unit.
     """
 
     kind, upfront = "resnet8", True
 
     def __init__(self, num_units: int, widths: tuple[int, int, int] = (16, 32, 64), resolution: int = 32,
-                 ordered: bool = False):
+                 units: Optional[Sequence[int]] = None):
         super().__init__()
-        self.num_units, self.widths, self.resolution, self.ordered = num_units, tuple(widths), resolution, ordered
+        self.num_units, self.widths, self.resolution = num_units, tuple(widths), resolution
+        self.units = None if units is None else tuple(int(i) for i in units)
+        if self.units is not None and (not self.units or len(set(self.units)) != len(self.units)
+                                       or not all(0 <= i < num_units for i in self.units)):
+            raise ValueError(f"units must be distinct unit indices in [0, {num_units}), got {list(units)}")
         w1, w2, w3 = self.widths
         self.stem = nn.Sequential(conv3x3(3, w1, stride=2), nn.BatchNorm2d(w1), nn.ReLU(inplace=True))
         self.blocks = nn.Sequential(CifarBasicBlock(w1, w1), CifarBasicBlock(w1, w2, 2), CifarBasicBlock(w2, w3, 2))
-        self.fc = nn.Linear(w3, 1 if ordered else num_units)
-        self.priority = nn.Parameter(torch.zeros(num_units)) if ordered else None
+        self.fc = nn.Linear(w3, num_units if self.units is None else len(self.units))
 
     def config(self) -> dict:
         cfg = {"kind": self.kind, "widths": list(self.widths), "resolution": self.resolution}
-        return cfg | {"ordered": True} if self.ordered else cfg
-
-    @torch.no_grad()
-    def scale_image_term(self, factor: float) -> None:
-        """Ordered only: d(x) times ``factor``, so fewer images leave the common order (0: one path for all)."""
-        if not self.ordered:
-            raise ValueError("only an ordered gate has a per-image term to scale (resnet8 with hyper {ordered: true})")
-        self.fc.weight.mul_(factor)
-        self.fc.bias.mul_(factor)
+        return cfg if self.units is None else cfg | {"units": list(self.units)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] > self.resolution or x.shape[-2] > self.resolution:
             x = F.adaptive_avg_pool2d(x, self.resolution)
         x = self.blocks(self.stem(x))  # (B, w3, r/8, r/8)
-        scores = self.fc(x.mean((2, 3)))  # (B, n), or (B, 1) when ordered
-        return scores + self.priority if self.ordered else scores
+        scores = self.fc(x.mean((2, 3)))  # (B, n), or (B, len(units))
+        if self.units is None:
+            return scores
+        full = scores.new_full((scores.shape[0], self.num_units), float("inf"))  # (B, n): the rest always run
+        full[:, list(self.units)] = scores
+        return full
+
+    @torch.no_grad()
+    def restricted_to(self, units: Sequence[int]) -> "ResNet8Gate":
+        """A copy that decides only ``units`` (a gate of every unit), its output rows for them kept."""
+        if self.units is not None:
+            raise ValueError(f"this gate already decides only units {list(self.units)}")
+        gate = ResNet8Gate(self.num_units, self.widths, self.resolution, units=units)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("fc.")}
+        rows = list(gate.units)
+        state["fc.weight"], state["fc.bias"] = self.fc.weight[rows].clone(), self.fc.bias[rows].clone()
+        gate.load_state_dict(state)
+        return gate.train(self.training)
 
 
 @GATES.register("lstm")

@@ -125,7 +125,7 @@ class Softmax(Policy):
 
 @POLICIES.register("budget")
 class Budget(Policy):
-    """Skip the lowest-scored units until backbone FLOPs <= budget * full FLOPs."""
+    """Skip the lowest-scored units until backbone FLOPs <= budget * the uncut backbone's full FLOPs."""
 
     name, online = "budget", False
 
@@ -140,7 +140,7 @@ class Budget(Policy):
 
     def decide(self, scores, flops):
         scores = scores.detach().cpu()
-        need = flops.full * (1.0 - self.knob)  # FLOPs each image must save
+        need = flops.full - self.knob * flops.reference  # FLOPs each image must save
         order = ascending(scores)  # least important first
         saving = flops.saving()[order]  # (B, n) in that order
         saved_before = saving.cumsum(1) - saving
@@ -214,14 +214,14 @@ def knob_for_flops(name: str, scores: torch.Tensor, flops: FlopsProfile, ratio: 
     if scores.dim() != 2 or scores.shape[1] != flops.num_units or scores.shape[0] == 0:
         raise ValueError(f"scores must be (images, {flops.num_units}) for this backbone, got {tuple(scores.shape)}")
     scores = scores.detach().cpu().double()
-    if not torch.isfinite(scores).all():
-        raise ValueError("gate scores contain NaN or infinite values: no knob can be set from them")
+    if torch.isnan(scores).any() or (scores == float("-inf")).any():  # +inf: a unit the gate does not decide
+        raise ValueError("gate scores contain NaN or -inf values: no knob can be set from them")
     values = -scores if name == "threshold" else torch.softmax(-scores, dim=1)  # keep where value <= knob
     floor = flops.minimum + gate_flops
-    spare = ratio * flops.full - floor  # mean FLOPs per image left for units
+    spare = ratio * flops.reference - floor  # mean FLOPs per image left for units
     if spare < 0:
         raise ValueError(f"a FLOPs ratio of {ratio} is below what skipping every unit costs "
-                         f"({floor / flops.full:.4f} of the backbone, gate counted)")
+                         f"({floor / flops.reference:.4f} of the backbone, gate counted)")
     weight = flops.saving().expand_as(values) / len(values)  # each (x, i) kept adds saving_i / N to the mean
     order = values.flatten().argsort()
     v, spent = values.flatten()[order], weight.flatten()[order].cumsum(0)

@@ -3,12 +3,9 @@
 glibc's malloc serves every allocation above its mmap threshold (128 KiB at start, then
 adapting) with freshly mapped pages and unmaps them on free, so the activations of a
 batch (a 64 x 16 x 32 x 32 float tensor is 4 MiB) cost page faults on every forward
-pass, and how often depends on each process's allocation history. Measured on the 2-core
-Xeon, 2 threads, batch 64, channels-last: ResNet-32 timed interleaved with thinner variants,
-50 ms with the defaults (three processes) and 29-31 ms with the thresholds below (five);
-``bench engine --arch resnet56``, two runs each: the full network 57-71 ms with the
-defaults and 55-57 ms with them, masked execution 71-82 ms and 63-66 ms, gated execution
-unchanged (about 36 ms at 50% skip).
+pass, and how many depends on each process's allocation history: the same model runs
+at different speeds in different processes. With the thresholds below, activation-sized
+blocks come from the heap and freed ones are kept for the next pass.
 """
 from __future__ import annotations
 

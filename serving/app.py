@@ -6,22 +6,21 @@ Routes (OpenAPI schema at /openapi.json, docs at /docs):
     GET  /v2/models/{name}[/ready]      model metadata and readiness
     POST /v2/models/{name}/infer        JSON tensors in, ``probabilities`` and ``units_executed`` out
 
-``build_app(args)`` is the application builder that ``skipserve serve`` and
-``serve run deploy/serve_config.yaml`` both use.
+``build_app(args)`` is the application builder of ``serve run deploy/serve_config.yaml``;
+``skipserve serve`` binds the same deployment through ``bind_app``. Their settings are
+``serving.settings.AppArgs``, and a deployment's ``user_config`` is ``LiveSettings``.
 """
 
 import asyncio
 import json
 import logging
 import math
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 from fastapi import FastAPI, Query, Request as HTTPRequest
@@ -31,59 +30,17 @@ from pydantic import BaseModel
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gating.policies import POLICIES, make_policy
+from gating.policies import POLICIES
 from serving.autopilot import Autopilot
-from serving.images import Limits, RequestError, declared_size, decode_image_bytes
+from serving.images import RequestError, declared_size, decode_image_bytes
 from serving.model_process import ModelProcessError
+from serving.settings import AppArgs, LiveSettings
 from serving.v2 import DATATYPES, parse_infer_request
 
 logger = logging.getLogger("ray.serve")
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "application/octet-stream")
 OUTPUTS = ("probabilities", "units_executed")
-
-
-@dataclass
-class ServerSettings:
-    """What a replica loads and how it batches; every field can come from the serve config's ``args``."""
-
-    checkpoint: str = "default"  # shipped name or checkpoint path, resolved on the replica
-    model_name: str = ""  # name in the v2 routes and metrics; "" = derived from the checkpoint
-    threads: int = 0  # torch threads per replica; 0 = the replica's num_cpus
-    max_batch_size: int = 32  # images per executed batch
-    batch_wait_ms: float = 5.0  # how long a batch waits to fill
-    max_queued_images: int = 256  # images waiting in one replica beyond which requests get 503 at once
-    model_process: bool = True  # run the executor in a child process with a GIL of its own (serving.model_process)
-    slo_p99_ms: float = 0.0  # SLO autopilot target; 0 = off (serve the model's own knob)
-    min_budget: float = 0.3  # the autopilot's floor, fraction of backbone FLOPs
-    limits: Limits = field(default_factory=Limits)  # request size limits
-
-    @classmethod
-    def from_args(cls, args: dict[str, Any]) -> "ServerSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(args) - known - {f.name for f in fields(Limits)})
-        if unknown:
-            raise ValueError(f"unknown application args {unknown}; known: {sorted(known)} and limits "
-                             f"{[f.name for f in fields(Limits)]}")
-        limits = Limits(**{k: int(v) for k, v in args.items() if k in {f.name for f in fields(Limits)}})
-        values = {k: v for k, v in args.items() if k in known and k != "limits"}
-        s = cls(**values, limits=limits)
-        s.threads, s.max_batch_size, s.max_queued_images = int(s.threads), int(s.max_batch_size), \
-            int(s.max_queued_images)
-        s.batch_wait_ms, s.slo_p99_ms, s.min_budget = float(s.batch_wait_ms), float(s.slo_p99_ms), float(s.min_budget)
-        if isinstance(s.model_process, str):
-            s.model_process = s.model_process.strip().lower() in ("1", "true", "yes")
-        if s.max_batch_size < 1 or s.batch_wait_ms < 0 or s.max_queued_images < 1:
-            raise ValueError("max_batch_size and max_queued_images must be >= 1, batch_wait_ms >= 0")
-        if not s.model_name:
-            s.model_name = model_name_for(s.checkpoint)
-        return s
-
-
-def model_name_for(checkpoint: str) -> str:
-    from gating.zoo import SHIPPED
-
-    return checkpoint if checkpoint in SHIPPED else os.path.splitext(os.path.basename(checkpoint))[0]
 
 
 def _images_in(items: list) -> int:
@@ -222,13 +179,13 @@ def _replica_cpus() -> int:
                   health_check_period_s=5)
 @serve.ingress(api)
 class GatedModelServer:
-    def __init__(self, args: dict[str, Any]):
+    def __init__(self, args: AppArgs):
         from gating.zoo import resolve_checkpoint
         from serving.engine import Engine
         from serving.metrics import ServeMetrics
         from serving.model_process import ProcessEngine
 
-        self.settings = ServerSettings.from_args(args)
+        self.settings = AppArgs.parse(args)  # bind_app passes it validated; a mapping (a direct bind) is checked here
         threads = self.settings.threads or _replica_cpus()
         path = resolve_checkpoint(self.settings.checkpoint)
         self.engine = (ProcessEngine if self.settings.model_process else Engine)(path, threads=threads)
@@ -240,8 +197,10 @@ class GatedModelServer:
         self._queued = 0  # images accepted and not yet answered
         self._reading = 0  # images expected in the requests whose bodies are still being read
         self._images_per_v2_request = 1.0  # running mean: what a v2 request still being read counts as
-        self._apply_batching(self.settings.max_batch_size, self.settings.batch_wait_ms)
-        self.autopilot = self._make_autopilot()
+        self.autopilot: Optional[Autopilot] = None
+        served = {name for name in ("policy", "knob") if getattr(self.settings, name) is not None}
+        self._apply(self.settings, served, "application args")
+        self.autopilot = self._make_autopilot()  # its baseline: the rule the args chose
         self._export_gauges()
         threading.Thread(target=self._control_loop, name="skipserve-autopilot", daemon=True).start()
         logger.info("skipserve: serving %s (%s) as %r, policy %s, %d units, %d torch threads", path,
@@ -254,33 +213,29 @@ class GatedModelServer:
             raise RuntimeError("the model process exited")
 
     # ------------------------------------------------------------------ live knobs
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """``user_config`` keys: ``policy`` and ``knob`` (served rule), ``max_batch_size``, ``batch_wait_ms``.
-        Everything is checked before anything is applied: a rejected config changes nothing."""
-        cfg = dict(user_config or {})
-        unknown = sorted(set(cfg) - {"policy", "knob", "max_batch_size", "batch_wait_ms"})
-        if unknown:
-            raise ValueError(f"unknown user_config keys {unknown}; known: policy, knob, max_batch_size, batch_wait_ms")
+    def reconfigure(self, user_config: Optional[Mapping[str, Any]]) -> None:
+        """Ray Serve's hook for the deployment's ``user_config``: ``LiveSettings`` fields. A field it
+        leaves out keeps its value. Everything is checked before anything is applied: a rejected
+        config changes nothing."""
+        live = LiveSettings.from_user_config(user_config)
+        self._apply(live, live.model_fields_set, "user_config")
+
+    def _apply(self, live: LiveSettings, names: set[str], source: str) -> None:
+        """Serve the fields ``names`` of ``live``. The rule is checked against the model as a request's
+        own policy is (a gate where the rule needs one, a knob the model can decide by)."""
         rule = None
-        if "policy" in cfg or "knob" in cfg:
-            try:  # the checks a request's own policy gets: a gate where needed, a knob the model can decide by
-                rule = self.engine.policy_for(policy=cfg.get("policy") or self.engine.default_policy.name,
-                                              alpha=cfg.get("knob"))
+        if names & {"policy", "knob"}:
+            try:
+                rule = self.engine.policy_for(policy=live.policy or self.engine.default_policy.name, alpha=live.knob)
             except RequestError as err:
-                raise ValueError(f"user_config policy/knob: {err}") from None
-        max_batch_size = cfg.get("max_batch_size", self.settings.max_batch_size)
-        batch_wait_ms = cfg.get("batch_wait_ms", self.settings.batch_wait_ms)
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"user_config max_batch_size must be an integer >= 1, got {max_batch_size!r}")
-        if isinstance(batch_wait_ms, bool) or not isinstance(batch_wait_ms, (int, float)) \
-                or not 0 <= batch_wait_ms < math.inf:
-            raise ValueError(f"user_config batch_wait_ms must be a number >= 0, got {batch_wait_ms!r}")
+                raise ValueError(f"{source} policy/knob: {err}") from None
         if rule is not None:
             self.engine.default_policy = rule
-            if self.autopilot is not None:  # the new knob is the autopilot's new baseline
+            if self.autopilot is not None:  # the new rule is the autopilot's new baseline
                 self.autopilot = self._make_autopilot()
             self._export_gauges()
-        self._apply_batching(max_batch_size, float(batch_wait_ms))
+        self.settings = self.settings.model_copy(update={name: getattr(live, name) for name in names})
+        self._apply_batching(self.settings.max_batch_size, self.settings.batch_wait_ms)
 
     def _make_autopilot(self) -> Optional[Autopilot]:
         if self.settings.slo_p99_ms <= 0:
@@ -305,13 +260,12 @@ class GatedModelServer:
             self._export_gauges()
 
     def _apply_batching(self, max_batch_size: int, batch_wait_ms: float) -> None:
-        self.settings.max_batch_size, self.settings.batch_wait_ms = max_batch_size, batch_wait_ms
         self._infer.set_max_batch_size(max_batch_size)
         self._infer.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
     def _export_gauges(self) -> None:
-        # both every period, not only when they change: the units gauge, set once in __init__, was once
-        # missing from the export (a fresh-clone test run on a loaded VM read 0 units)
+        # both every period, not only when they change: a gauge set only once, at start, can be
+        # missing from Ray's metrics export
         cap = self.engine.default_policy.cap
         self.metrics.budget.set(math.nan if cap is None else cap)
         self.metrics.units.set(self.engine.num_units)
@@ -507,18 +461,23 @@ class GatedModelServer:
         return await self._timed("/v2/models/infer", request, handle)
 
 
-def build_app(args: dict[str, Any], *, num_replicas: Optional[int] = None,
-              num_cpus: Optional[float] = None) -> serve.Application:
-    """Application builder: ``args`` are ``ServerSettings`` fields (and ``Limits`` fields).
-
-    ``serve run`` calls it with ``args`` alone and takes replicas and CPUs from the config's
-    ``deployments`` section; ``skipserve serve`` passes them from its flags.
-    """
-    settings = ServerSettings.from_args(dict(args))  # fail here, in the caller, on a bad config
+def bind_app(args: Union[AppArgs, Mapping[str, Any]], *, num_replicas: Optional[int] = None,
+             num_cpus: Optional[float] = None) -> serve.Application:
+    """The deployment bound to ``args``, with ``num_replicas`` replicas of ``num_cpus`` CPUs each
+    (unset: the deployment's defaults, or the serve config's ``deployments`` section)."""
+    settings = AppArgs.parse(args)  # a bad setting fails here, in the caller, before any replica starts
     options: dict[str, Any] = {}
     if num_replicas is not None:
         options["num_replicas"] = num_replicas
     if num_cpus is not None:
         options["ray_actor_options"] = {"num_cpus": num_cpus}
-    flat = {k: v for k, v in asdict(settings).items() if k != "limits"} | asdict(settings.limits)
-    return GatedModelServer.options(**options).bind(flat)
+    return GatedModelServer.options(**options).bind(settings)
+
+
+def build_app(args: AppArgs) -> serve.Application:
+    """Ray Serve's application builder (``import_path: serving.app:build_app``).
+
+    Its one parameter is annotated with the Pydantic model, so Ray Serve validates the config's
+    ``args`` into an ``AppArgs`` before calling it; a mapping, from a direct call, is validated here.
+    """
+    return bind_app(args)

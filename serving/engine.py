@@ -47,7 +47,7 @@ class Engine:
         self.input_size: tuple[int, int] = tuple(card.input_size[1:])
         self.mean, self.std = tuple(card.mean), tuple(card.std)
         self.default_policy: Policy = self.model.policy
-        self.full_flops = float(self.model.flops.full)
+        self.full_flops = float(self.model.flops.reference)  # the uncut backbone
 
     @property
     def num_units(self) -> int:

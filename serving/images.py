@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import io
 import struct
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from gating.preprocess import resize_uint8
 
@@ -24,13 +24,18 @@ class RequestError(ValueError):
         self.status = status
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_body_bytes: int = 8 * 1024 * 1024  # whole request body
-    max_pixels: int = 4096 * 4096  # per image, as declared in its header
-    max_images: int = 64  # images (N) in one request
-    max_request_pixels: int = 64 * 1024 * 1024  # all images of one request together, as declared
-    max_tensor_elements: int = 64 * 3 * 256 * 256  # numbers in one JSON tensor
+class Limits(BaseModel):
+    """Request size limits; past one, a request is refused (413) before the work it would cost.
+    Application args of their own (``serving.settings.AppArgs``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="bytes in one request body")
+    max_pixels: int = Field(4096 * 4096, ge=1, description="pixels of one image, as declared in its header")
+    max_images: int = Field(64, ge=1, description="images (N) in one request")
+    max_request_pixels: int = Field(64 * 1024 * 1024, ge=1,
+                                    description="pixels of all images of one request together, as declared")
+    max_tensor_elements: int = Field(64 * 3 * 256 * 256, ge=1, description="numbers in one JSON tensor (v2)")
 
 
 def _png_size(data: bytes) -> tuple[int, int]:

@@ -35,27 +35,31 @@ def enable_direct_ingress(port: int) -> None:
 
 
 def serve_main(args: argparse.Namespace, checkpoint: Path) -> int:
+    from serving.settings import AppArgs, model_name_for
+
+    cores = os.cpu_count() or 1
+    num_cpus = args.num_cpus or max(1.0, cores / args.replicas)
+    settings = AppArgs.parse({  # the flags as application args: a bad value fails here, before Ray starts
+        "checkpoint": str(checkpoint), "model_name": args.model_name or model_name_for(args.checkpoint),
+        "threads": args.threads or max(1, int(num_cpus) - 1), "max_batch_size": args.max_batch_size,
+        "batch_wait_ms": args.batch_wait_ms, "max_queued_images": args.max_queued_images,
+        "slo_p99_ms": args.slo_p99_ms, "min_budget": args.min_budget})
     if args.direct_port:
         enable_direct_ingress(args.direct_port)
     from ray import serve
 
-    from serving.app import build_app, model_name_for
+    from serving.app import bind_app
 
-    cores = os.cpu_count() or 1
-    num_cpus = args.num_cpus or max(1.0, cores / args.replicas)
-    settings = {"checkpoint": str(checkpoint), "model_name": args.model_name or model_name_for(args.checkpoint),
-                "threads": args.threads or max(1, int(num_cpus) - 1), "max_batch_size": args.max_batch_size,
-                "batch_wait_ms": args.batch_wait_ms, "max_queued_images": args.max_queued_images,
-                "slo_p99_ms": args.slo_p99_ms, "min_budget": args.min_budget}
     start_ray(args.address, args.metrics_port)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(settings, num_replicas=args.replicas, num_cpus=num_cpus), name=APP_NAME, route_prefix="/")
+    serve.run(bind_app(settings, num_replicas=args.replicas, num_cpus=num_cpus), name=APP_NAME, route_prefix="/")
     where = "the cluster's metrics port" if args.address else f"http://127.0.0.1:{args.metrics_port}/metrics"
-    autopilot = f"; SLO autopilot p99 <= {args.slo_p99_ms:g} ms, budget >= {args.min_budget:g}" if args.slo_p99_ms else ""
+    autopilot = (f"; SLO autopilot p99 <= {settings.slo_p99_ms:g} ms, budget >= {settings.min_budget:g}"
+                 if settings.slo_p99_ms else "")
     direct = f" and, without the proxy hop, http://{args.host}:{args.direct_port}" if args.direct_port else ""
-    print(f"skipserve: serving {settings['model_name']!r} ({checkpoint}) on http://{args.host}:{args.port}{direct}"
+    print(f"skipserve: serving {settings.model_name!r} ({checkpoint}) on http://{args.host}:{args.port}{direct}"
           f"{autopilot} "
-          f"with {args.replicas} replica(s) x {settings['threads']} thread(s); metrics at {where}; "
+          f"with {args.replicas} replica(s) x {settings.threads} thread(s); metrics at {where}; "
           "Ctrl-C stops", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -2,11 +2,9 @@
 
 In one process, the replica's HTTP and JSON work for the other requests holds the GIL that
 the executor needs between its torch operations, and the gated path takes it more often
-(every unit's gather and scatter). Measured in the replica, default model, 32-image
-batches, 4 clients: a gated batch took 29.1 ms of wall time for 23.4 ms of model-thread
-CPU (full: 36.2 for 32.4), and ``py-spy --gil`` had other threads holding the GIL 14% of
-the time. ``ProcessEngine`` keeps the replica's ``Engine`` (metadata, policies, input
-preparation) and sends each batch to a child process that owns the GIL it runs under.
+(every unit's gather and scatter), so a batch waits for the GIL on top of its compute.
+``ProcessEngine`` keeps the replica's ``Engine`` (metadata, policies, input preparation)
+and sends each batch to a child process that owns the GIL it runs under.
 
 The child is a plain ``python -m serving.model_process`` started with ``subprocess``
 (never a fork of the multi-threaded Ray worker), connected by a socket pair; batches and

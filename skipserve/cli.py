@@ -34,8 +34,6 @@ PORT = _typed(int, lambda v: 1 <= v <= 65535, "a port in 1-65535")
 PORT_OR_OFF = _typed(int, lambda v: 0 <= v <= 65535, "a port in 1-65535, or 0 for off")
 LEVELS = _typed(lambda t: tuple(int(c) for c in t.split(",")), lambda v: len(v) > 0 and min(v) >= 1,
                 "comma-separated integers >= 1")
-UNIT_LIST = _typed(lambda t: tuple(int(c) for c in t.split(",")), lambda v: len(v) > 0 and min(v) >= 0,
-                   "comma-separated unit indices >= 0")
 
 
 def _finite(value):
@@ -238,8 +236,6 @@ def _finetune(args: argparse.Namespace) -> int:
 
     _writable_out(args.out)
     model = _load_model(args.checkpoint)
-    if model.gate is None:
-        raise ValueError(f"{args.checkpoint}: has no gate; run train-gate first")
     cfg = config_from(FinetuneConfig, args, epochs=args.epochs, seed=args.seed, device=args.device)
     if args.teacher and not cfg.distill:
         raise ValueError("--teacher is used only with distillation; add --set distill=0.7 (its weight)")
@@ -254,46 +250,12 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fix_path(args: argparse.Namespace) -> int:
-    from training.margin import fix_path
-    from training.run import record_stage
-
-    _writable_out(args.out)
-    try:
-        model = fix_path(_load_model(args.checkpoint), args.skip)
-    except ValueError as err:
-        raise ValueError(f"{args.checkpoint}: {err}") from None
-    record_stage(model, "fixed path", args.checkpoint, skipped_units=sorted(set(args.skip)))
-    model.save(args.out)
-    print(f"{args.out}: units {sorted(set(args.skip))} skipped for every image")
-    return 0
-
-
-def _margin_gate(args: argparse.Namespace) -> int:
-    from training.labels import load_labels
-    from training.margin import margin_gate
-    from training.run import record_stage
-
-    _writable_out(args.out)
-    static, trained = _load_model(args.checkpoint), _load_model(args.gate_from)
-    train = _training_split(args, static)
-    imp = load_labels(args.labels, num_images=len(train), num_units=static.num_units)
-    model, chosen = margin_gate(static, trained, imp, train, easy=args.easy, flops_target=args.flops_target)
-    record_stage(model, "margin gate", args.checkpoint, gate_from=args.gate_from, labels=args.labels, **chosen)
-    model.save(args.out)
-    added = "" if chosen["add_unit"] is None else \
-        f", unit {chosen['add_unit']} run for the hardest {chosen['hard_share']:.3f}"
-    print(f"{args.out}: unit {chosen['drop_unit']} skipped for the easiest {args.easy:.3f} of images{added} "
-          f"(the fixed path at {chosen['fixed_path_flops_ratio']:.4f} of the FLOPs)")
-    return 0
-
-
 def _pipeline(args: argparse.Namespace) -> int:
     from training.pipeline import run_pipeline
 
     summary = run_pipeline(args.config, args.run_dir)
     print(_json(summary))
-    return 0 if summary["targets_met"] else 1
+    return 0 if summary.get("targets_met", True) else 1
 
 
 def _progress(args: argparse.Namespace) -> int:
@@ -528,7 +490,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", help="backbone, e.g. resnet32")
     p.add_argument("--data", help="image folder or .tar.gz of <split>/<class>/*.jpg")
     p.add_argument("--epochs", type=POSITIVE_INT)
-    _add_stage_options(p, "runs/backbone")
+    _add_stage_options(p, "out/backbone")
     p.set_defaults(func=_train_backbone)
 
 
@@ -570,7 +532,7 @@ def _add_stages(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="gated checkpoint to write")
     _add_data(p)
     _add_policy(p)
-    _add_stage_options(p, "runs/gate", device=False)  # S4 trains on the CPU: a small gate, labels in memory
+    _add_stage_options(p, "out/gate", device=False)  # S4 trains on the CPU: a small gate, labels in memory
     p.set_defaults(func=_train_gate)
 
     p = sub.add_parser("finetune", help="S5: finetune the backbone on each image's own path, recalibrate BN")
@@ -581,32 +543,12 @@ def _add_stages(sub: argparse._SubParsersAction) -> None:
                                      "is distilled; default: the backbone as it enters S5. A later round needs "
                                      "the S1 backbone here, since its own full path is no longer a good network")
     _add_data(p)
-    _add_stage_options(p, "runs/finetune")
+    _add_stage_options(p, "out/finetune")
     p.set_defaults(func=_finetune)
 
-    p = sub.add_parser("fix-path", help="make a gated checkpoint's gate constant: the same units skipped for every image")
-    p.add_argument("--checkpoint", required=True, help="gated checkpoint (an unordered resnet8 gate)")
-    p.add_argument("--skip", required=True, type=UNIT_LIST, help="units to skip, comma-separated: 1,2,6,7,8,9")
-    p.add_argument("--out", required=True, help="gated checkpoint to write")
-    p.set_defaults(func=_fix_path)
-
-    p = sub.add_parser("margin-gate", help="a fixed path with a per-image margin: one unit fewer for easy "
-                                           "images, and with --flops-target one more for hard ones "
-                                           "(at most four paths)")
-    p.add_argument("--checkpoint", required=True, help="fixed-path model (fix-path, then finetune)")
-    p.add_argument("--gate-from", required=True, help="train-gate's output on labels of that path")
-    p.add_argument("--labels", required=True, help="`skipserve label --on-paths` of the fixed-path model")
-    p.add_argument("--easy", type=FRACTION, default=0.3, help="share of images that skip one unit more (default 0.3)")
-    p.add_argument("--flops-target", type=SHARE, default=None,
-                   help="mean FLOPs ratio, gate counted, that sets the share of hard images running one "
-                        "skipped unit more; without it no unit is added (two paths)")
-    p.add_argument("--out", required=True, help="gated checkpoint to write")
-    _add_data(p)
-    p.set_defaults(func=_margin_gate)
-
-    p = sub.add_parser("pipeline", help="S6: S1, then S3-S5 rounds until the recipe's targets hold (resumable)")
-    p.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/default.yaml")
-    p.add_argument("--run-dir", default="runs/default", help="run directory (default: runs/default)")
+    p = sub.add_parser("pipeline", help="a recipe's stages (S1, S3-S5, cuts), then the models it ships (resumable)")
+    p.add_argument("--config", required=True, help="recipe YAML, e.g. training/recipes/default.yaml")
+    p.add_argument("--run-dir", help="run directory (default: out/pipeline/RECIPE-NAME, ignored by git)")
     p.set_defaults(func=_pipeline)
 
     p = sub.add_parser("progress", help="what a run directory (pipeline or stage command) has done, and what is left")
@@ -748,7 +690,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="a gated model after S5: its curve and its static path's (default: default)")
     p.add_argument("--gate-epochs", type=POSITIVE_INT, default=5, help="S4 epochs per gate (default: 5)")
     p.add_argument("--val-images", type=POSITIVE_INT, help="N validation images, drawn with seed 0 (default: all)")
-    p.add_argument("--run-dir", default="runs/bench-accuracy", help="where the gates' S4 runs go (resumable)")
+    p.add_argument("--run-dir", default="out/bench-accuracy", help="where the gates' S4 runs go (resumable)")
     p.add_argument("--quick", action="store_true", help="1 gate epoch, 500 images (smoke test)")
     p = benchmark("report", "every benchmark, with plots: DIR/report.md, DIR/results.json, DIR/*.png", _bench_report,
                   threads=False)

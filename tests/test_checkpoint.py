@@ -214,13 +214,14 @@ def test_csr_of_a_small_matrix_and_corrupt_csr_files(tmp_path):
         GatedModel.load(tmp_path / "missing.safetensors")
 
 
-def test_an_ordered_gate_keeps_its_structure_through_save_and_load(tmp_path):
+def test_a_gate_of_some_units_keeps_them_through_save_and_load(tmp_path):
     backbone = make_backbone("resnet20")
-    gate = randomize_bn(build_gate("resnet8", backbone, resolution=16, ordered=True)).eval()
+    gate = randomize_bn(build_gate("resnet8", backbone, resolution=16, units=[2, 5])).eval()
     model = GatedModel(backbone, gate, make_policy("threshold", 0.0), CARD).eval()
-    model.save(tmp_path / "ordered.safetensors")
-    loaded = GatedModel.load(tmp_path / "ordered.safetensors")
-    assert loaded.gate.config() == {"kind": "resnet8", "widths": [16, 32, 64], "resolution": 16, "ordered": True}
+    model.save(tmp_path / "some.safetensors")
+    loaded = GatedModel.load(tmp_path / "some.safetensors")
+    assert loaded.gate.config() == {"kind": "resnet8", "widths": [16, 32, 64], "resolution": 16, "units": [2, 5]}
+    assert loaded.gate.fc.out_features == 2
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.gate(x), loaded.gate(x))

@@ -30,11 +30,57 @@ def test_serve_config_parses_with_ray_serves_schema_and_builds_the_app():
     assert build_app(app.args) is not None  # the args are fields the builder knows
 
 
-def test_unknown_app_args_fail_in_the_builder():
+def test_ray_serve_validates_the_configs_args_into_the_builders_model():
+    """``serve run``/``serve deploy`` call the builder through Ray's own helper, which validates the
+    config's ``args`` into the model the builder's parameter is annotated with."""
+    pytest.importorskip("ray.serve", reason="Ray Serve's application builder call")
+    from pydantic import ValidationError
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary as call_builder
+
+    from serving.app import build_app
+    from serving.settings import AppArgs
+
+    args = serve_config()["applications"][0]["args"]
+    app = call_builder(build_app, args)
+    (settings,) = app._bound_deployment.init_args
+    assert isinstance(settings, AppArgs) and settings.max_queued_images == args["max_queued_images"]
+    assert settings.limits.max_pixels == args["max_pixels"]
+    for bad, field in (({**args, "max_batch_size": 0}, "max_batch_size"), ({**args, "max_batch": 3}, "max_batch"),
+                       ({**args, "max_pixels": -1}, "max_pixels")):
+        with pytest.raises(ValidationError, match=field):
+            call_builder(build_app, bad)
+
+
+@pytest.mark.parametrize("args,message", [
+    ({"checkpoint": "default", "max_batch": 3}, "invalid application args: max_batch: unknown field"),
+    ({"max_batch_size": 0}, "max_batch_size: Input should be greater than or equal to 1, got 0"),
+    ({"batch_wait_ms": "soon"}, "batch_wait_ms: Input should be a valid number"),
+    ({"min_budget": 1.5}, "min_budget: Input should be less than or equal to 1"),
+    ({"policy": "fastest"}, "policy: unknown policy 'fastest'"),
+    ({"max_body_bytes": 0}, "max_body_bytes: Input should be greater than or equal to 1"),
+])
+def test_bad_app_args_fail_in_the_builder_naming_the_field(args, message):
+    pytest.importorskip("ray.serve", reason="the builder binds a Ray Serve deployment")
     from serving.app import build_app
 
-    with pytest.raises(ValueError, match="unknown application args"):
-        build_app({"checkpoint": "default", "max_batch": 3})
+    with pytest.raises(ValueError, match=message):
+        build_app(args)
+
+
+def test_the_settings_model_documents_every_field_and_the_live_ones_are_app_args():
+    from serving.settings import AppArgs, LiveSettings
+
+    undocumented = [name for name, f in AppArgs.model_fields.items() if not f.description]
+    assert not undocumented, f"fields without a description: {undocumented}"
+    assert set(LiveSettings.model_fields) < set(AppArgs.model_fields)
+    assert set(AppArgs.model_json_schema()["properties"]) == set(AppArgs.model_fields)
+    app = serve_config()["applications"][0]
+    AppArgs.parse(app["args"])
+    LiveSettings.from_user_config(app["deployments"][0]["user_config"])
+    assert AppArgs.parse({"checkpoint": "runs/x/model.safetensors"}).model_name == "model"
+    assert AppArgs.parse({"max_batch_size": "8"}).max_batch_size == 8  # args convert, as command-line values do
+    with pytest.raises(ValueError, match="max_batch_size: Input should be a valid integer"):
+        LiveSettings.from_user_config({"max_batch_size": "8"})  # a user_config is typed: no conversion
 
 
 def test_rayservice_embeds_the_serve_config():

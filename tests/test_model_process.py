@@ -89,11 +89,17 @@ def test_a_killed_child_fails_every_call_clearly_and_closing_leaves_no_process(e
 
 @pytest.mark.parametrize("value,expected", [(None, True), (False, False), ("false", False), ("yes", True)])
 def test_the_app_runs_the_model_process_unless_told_not_to(value, expected):
-    pytest.importorskip("ray.serve", reason="the app's settings live beside the Ray Serve deployment")
-    from serving.app import ServerSettings
+    from serving.settings import AppArgs
 
     args = {} if value is None else {"model_process": value}
-    assert ServerSettings.from_args(args).model_process is expected
+    assert AppArgs.parse(args).model_process is expected
+
+
+def test_a_model_process_setting_that_is_no_yes_or_no_is_refused():
+    from serving.settings import AppArgs
+
+    with pytest.raises(ValueError, match="model_process: Input should be a valid boolean"):
+        AppArgs.parse({"model_process": "sometimes"})
 
 
 def test_a_knob_the_model_cannot_decide_by_is_refused_at_the_request(gated_checkpoint, tmp_path):

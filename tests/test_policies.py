@@ -147,8 +147,21 @@ def test_a_knob_for_a_flops_ratio_refuses_what_it_cannot_set():
         knob_for_flops("threshold", scores, PROFILE, 0.01)
     with pytest.raises(ValueError, match=r"scores must be \(images, 4\)"):
         knob_for_flops("threshold", torch.randn(8, 3), PROFILE, 0.5)
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        knob_for_flops("threshold", torch.tensor([[0.0, float("nan"), 1.0, 2.0]]), PROFILE, 1.0)
+    for bad in (float("nan"), float("-inf")):
+        with pytest.raises(ValueError, match="NaN or -inf"):
+            knob_for_flops("threshold", torch.tensor([[0.0, bad, 1.0, 2.0]]), PROFILE, 1.0)
+
+
+@pytest.mark.parametrize("name", ["threshold", "softmax"])
+def test_a_unit_the_gate_does_not_decide_is_kept_and_paid_for_first(name):
+    # +inf: a unit outside the gate's units always runs; the knob spends what is left on the others
+    scores = torch.randn(64, 4)
+    scores[:, 1] = float("inf")
+    ratio = (PROFILE.minimum + PROFILE.saving()[1] + 0.5 * PROFILE.saving()[[0, 2, 3]].sum()) / PROFILE.full
+    knob = knob_for_flops(name, scores, PROFILE, float(ratio))
+    keep = make_policy(name, knob).decide(scores, PROFILE)
+    assert keep[:, 1].all()
+    assert 0.3 < keep[:, [0, 2, 3]].float().mean() <= 0.5 + 1e-6
 
 
 @pytest.mark.parametrize("name", ["threshold", "softmax"])

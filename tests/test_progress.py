@@ -1,7 +1,7 @@
 """`skipserve progress`: what a run directory has done, read from the files the stages write.
 
 The directories here are written by hand, as the stages would leave them part-way; the pipeline
-test in test_training.py checks the same report on a real, finished run.
+test in test_pipeline.py checks the same report on a real, finished run.
 """
 import json
 import os
@@ -15,11 +15,13 @@ from skipserve.cli import main
 from training.progress import format_progress, run_progress
 
 RECIPE = """
-rounds: 2
-backbone: {arch: resnet20, epochs: 10}
-gate: {kind: mlp, epochs: 3}
-finetune: {policy: budget, knob: 0.6, epochs: 4}
-refine: {epochs: 2}
+stages:
+  s1: {kind: backbone, arch: resnet20, epochs: 10}
+  labels: {kind: label, model: s1}
+  gate: {kind: gate, gate: mlp, model: s1, labels: labels, epochs: 3, policy: budget, knob: 0.6}
+  cut: {kind: cut, model: gate, keep: 6}
+  s5: {kind: finetune, model: cut, epochs: 4}
+ship: {default: s5}
 """
 
 
@@ -47,78 +49,42 @@ def test_a_pipeline_part_way_through_s1(tmp_path):
     p = run_progress(run)
     assert p["kind"] == "pipeline" and p["summary"] is None
     s1 = p["stages"][0]
-    assert (s1["stage"], s1["what"], s1["status"]) == ("S1", "backbone resnet20", "started")
+    assert (s1["name"], s1["stage"], s1["what"], s1["status"]) == ("s1", "S1", "backbone resnet20", "started")
     assert (s1["epochs_done"], s1["epochs"], s1["last"]["epoch"]) == (3, 10, 2)
     assert (s1["best_val_top1"], s1["best_epoch"]) == (0.55, 1)
     assert s1["seconds_per_epoch"] == 110.0 and s1["eta_s"] == 7 * 110.0
-    # every round is laid out from the recipe, refine's epochs from round 2 on
-    assert [(s["round"], s["stage"], s["status"], s["epochs"]) for s in p["stages"][1:]] == [
-        (1, "S3", "pending", None), (1, "S4", "pending", 3), (1, "S5", "pending", 4),
-        (2, "S3", "pending", None), (2, "S4", "pending", 3), (2, "S5", "pending", 2)]
+    # every stage is laid out from the recipe, in its order
+    assert [(s["name"], s["stage"], s["status"], s["epochs"]) for s in p["stages"][1:]] == [
+        ("labels", "S3", "pending", None), ("gate", "S4", "pending", 3), ("cut", "cut", "pending", None),
+        ("s5", "S5", "pending", 4)]
     table = format_progress(p).splitlines()
     assert "3/10 epochs" in table[1] and "best 0.5500 at epoch 1" in table[1] and "~13 min left" in table[1]
     assert table[1].endswith("<- next") and not any("<- next" in line for line in table[2:])
-
-
-def test_each_epoch_counts_once_and_the_next_stage_is_marked(tmp_path):
-    run = _pipeline_dir(tmp_path)
-    (run / "s1").mkdir()
-    (run / "s1" / "backbone.safetensors").write_bytes(b"")  # S1's output: the stage is done
-    (run / "round1").mkdir()
-    (run / "round1" / "labels.safetensors").write_bytes(b"")
-    # epoch 1 recorded twice (by hand: a resume trims the file), epoch 2's record lost (a kill after its
-    # state was saved), epoch 3 recorded: four epochs done
-    _records(run / "round1" / "metrics.jsonl", "gate", [{"epoch": 0, "loss": 0.5, "seconds": 10.0},
-                                                        {"epoch": 1, "loss": 0.4, "seconds": 10.0},
-                                                        {"epoch": 1, "loss": 0.3, "seconds": 12.0},
-                                                        {"epoch": 3, "loss": 0.2, "seconds": 12.0}])
-    (run / "recipe.yaml").write_text(RECIPE.replace("epochs: 3}", "epochs: 5}"))
-    p = run_progress(run)
-    s1, s3, s4, s5 = p["stages"][:4]
-    assert (s1["status"], s1["epochs_done"]) == ("done", 0)  # an S1 copied in without its records is still done
-    assert s3["status"] == "done"
-    assert (s4["status"], s4["epochs_done"], s4["last"]["loss"], s4["eta_s"]) == ("started", 4, 0.2, 12.0)  # 1 epoch left at the median 12 s
-    assert s5["status"] == "pending"
-    table = format_progress(p).splitlines()
-    assert "<- next" in table[3] and "loss 0.200" in table[3]
-    assert sum("<- next" in line for line in table) == 1
-
-
-def test_every_epoch_recorded_without_the_output_is_not_done(tmp_path):
-    # killed after S4's last epoch, before its BN recalibration wrote gated.safetensors
-    run = _pipeline_dir(tmp_path)
-    (run / "s1").mkdir()
-    (run / "s1" / "backbone.safetensors").write_bytes(b"")
-    (run / "round1").mkdir()
-    (run / "round1" / "labels.safetensors").write_bytes(b"")
-    _records(run / "round1" / "metrics.jsonl", "gate", [{"epoch": e, "loss": 0.1, "seconds": 9.0} for e in range(3)])
-    s4 = run_progress(run)["stages"][2]
-    assert (s4["stage"], s4["status"], s4["eta_s"]) == ("S4", "epochs done", None)
-    assert "<- next" in format_progress(run_progress(run)).splitlines()[3]
-    (run / "round1" / "gated.safetensors").write_bytes(b"")
+    _records(run / "gate" / "metrics.jsonl", "gate", [{"epoch": e, "loss": 0.1} for e in range(3)])
+    gate = run_progress(run)["stages"][2]
+    assert (gate["stage"], gate["status"], gate["eta_s"]) == ("S4", "epochs done", None)
+    assert "<- next" in format_progress(run_progress(run)).splitlines()[1]  # S1 is still first undone
+    (run / "gate" / "model.safetensors").write_bytes(b"")
     assert run_progress(run)["stages"][2]["status"] == "done"
 
 
-def test_a_finished_pipeline_shows_its_evaluations_the_skipped_rounds_and_what_it_ships(tmp_path):
+def test_a_finished_pipeline_shows_its_evaluations_and_what_it_ships(tmp_path):
     run = _pipeline_dir(tmp_path)
-    (run / "s1").mkdir()
-    (run / "s1" / "backbone.safetensors").write_bytes(b"")
-    r1 = run / "round1"
-    r1.mkdir()
-    for name in ("labels", "gated", "model"):
-        (r1 / f"{name}.safetensors").write_bytes(b"")
-    (r1 / "eval-gated.json").write_text(json.dumps({"top1": 0.61, "flops_ratio": 0.59}))
-    (r1 / "eval.json").write_text(json.dumps({"top1": 0.83, "flops_ratio": 0.594}))
-    summary = {"rounds": [{"round": 1}], "targets_met": True, "best_round": 1, "best_stage": "S5",
-               "final": str(r1 / "model.safetensors"), "backbone_top1": 0.835}
+    for name, output in (("s1", "backbone"), ("labels", "labels"), ("gate", "model"), ("cut", "model"), ("s5", "model")):
+        (run / name).mkdir()
+        (run / name / f"{output}.safetensors").write_bytes(b"")
+    (run / "gate" / "eval.json").write_text(json.dumps({"top1": 0.61, "flops_ratio": 0.59}))
+    (run / "s5" / "eval.json").write_text(json.dumps({"top1": 0.83, "flops_ratio": 0.594}))
+    summary = {"stages": {}, "ship": {"default": {"stage": "s5", "top1": 0.83, "flops_ratio": 0.594,
+                                                  "checkpoint": str(run / "ship" / "default.safetensors")}}}
     (run / "summary.json").write_text(json.dumps(summary))
     p = run_progress(run)
-    assert [s["status"] for s in p["stages"]] == ["done"] * 4 + ["skipped"] * 3  # targets met in round 1
-    assert p["stages"][2]["eval"]["top1"] == 0.61 and p["stages"][3]["eval"]["top1"] == 0.83
+    assert [s["status"] for s in p["stages"]] == ["done"] * 5
+    assert p["stages"][2]["eval"]["top1"] == 0.61 and p["stages"][4]["eval"]["top1"] == 0.83
     assert p["summary"] == summary
     table = format_progress(p)
     assert "output: top-1 0.8300 at 0.594 of the FLOPs" in table and "<- next" not in table
-    assert "targets met; ships round 1 S5" in table
+    assert "ships default (s5): top-1 0.8300 at 0.594 of the FLOPs" in table
 
 
 def test_a_stage_commands_run_directory(tmp_path):
@@ -148,16 +114,13 @@ def test_a_stage_commands_run_directory(tmp_path):
 
 
 def test_a_summary_older_than_the_recipe_is_of_an_earlier_run(tmp_path):
-    # a pipeline that met its targets in round 1, rerun with stricter ones: rounds 2+ are not skipped
     run = _pipeline_dir(tmp_path)
-    summary = {"rounds": [{"round": 1}], "targets_met": True, "best_round": 1, "best_stage": "S5",
-               "final": "x", "backbone_top1": 0.8}
+    summary = {"stages": {}, "ship": {}}
     (run / "summary.json").write_text(json.dumps(summary))
-    assert run_progress(run)["stages"][-1]["status"] == "skipped"
+    assert run_progress(run)["summary"] == summary
     recipe_time = (run / "summary.json").stat().st_mtime_ns + 10**9
     os.utime(run / "recipe.yaml", ns=(recipe_time, recipe_time))
-    p = run_progress(run)
-    assert p["summary"] is None and "skipped" not in [s["status"] for s in p["stages"]]
+    assert run_progress(run)["summary"] is None
 
 
 def test_a_record_being_written_is_not_read_yet(tmp_path):
@@ -192,14 +155,14 @@ def test_progress_cli_prints_json_and_the_table(tmp_path, capsys):
     (lambda d: (d.mkdir(), (d / "gate-config.json").write_text('{"epochs": 2}'),
                 (d / "metrics.jsonl").write_text('{"stage": "gate", "loss": 1}\n')),
      "metrics.jsonl: line 1 is not an epoch record"),
-    (lambda d: (d.mkdir(), (d / "recipe.yaml").write_text("rounds: [1\n")), "recipe.yaml: not valid YAML"),
-    (lambda d: (d.mkdir(), (d / "recipe.yaml").write_text("rounds: 1\n"), (d / "summary.json").write_text("{")),
+    (lambda d: (d.mkdir(), (d / "recipe.yaml").write_text("stages: [1\n")), "recipe.yaml: not valid YAML"),
+    (lambda d: (d.mkdir(), (d / "recipe.yaml").write_text(RECIPE), (d / "summary.json").write_text("{")),
      "summary.json: not valid JSON"),
-    (lambda d: (d.mkdir(), (d / "recipe.yaml").write_text("rounds: 1\n"), (d / "summary.json").write_text("[]")),
+    (lambda d: (d.mkdir(), (d / "recipe.yaml").write_text(RECIPE), (d / "summary.json").write_text("[]")),
      "summary.json: expected a JSON object, found list"),
-    (lambda d: (d.mkdir(), (d / "recipe.yaml").write_text("rounds: 1\n"),
-                (d / "summary.json").write_text('{"rounds": [], "targets_met": false}')),
-     "summary.json: missing 'best_round', 'best_stage', 'final', 'backbone_top1'"),
+    (lambda d: (d.mkdir(), (d / "recipe.yaml").write_text(RECIPE),
+                (d / "summary.json").write_text('{"stages": {}}')),
+     "summary.json: missing 'ship'"),
 ])
 def test_a_bad_run_directory_is_named_with_what_is_wrong(tmp_path, capsys, setup, message):
     run = tmp_path / "run"

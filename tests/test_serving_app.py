@@ -320,11 +320,12 @@ def test_prometheus_scrapes_the_server_and_monitor_shows_the_same_savings(server
 def test_admission_counts_the_images_of_requests_still_being_read():
     """A replica refuses before reading a body when the requests it is already reading would fill
     its queue, so that refusing costs it nothing; an idle replica reads one request, however large."""
-    from serving.app import GatedModelServer, ServerSettings
+    from serving.app import GatedModelServer
     from serving.images import RequestError
+    from serving.settings import AppArgs
 
     cls = GatedModelServer.func_or_class  # admission only: no model, no Ray
-    replica = SimpleNamespace(settings=ServerSettings(max_queued_images=64), _queued=16, _reading=0)
+    replica = SimpleNamespace(settings=AppArgs(max_queued_images=64), _queued=16, _reading=0)
     replica._admit, replica._reading_body = MethodType(cls._admit, replica), MethodType(cls._reading_body, replica)
     with replica._reading_body(16), replica._reading_body(16):
         with pytest.raises(RequestError, match="overloaded") as refused:
@@ -341,25 +342,38 @@ def test_admission_counts_the_images_of_requests_still_being_read():
 
 def test_reconfigure_checks_everything_before_applying_anything(gated_checkpoint):
     """A rejected user_config leaves the replica as it was: a half-applied one served every request
-    with a knob the model could not decide by, or batches of 0."""
-    from serving.app import GatedModelServer, ServerSettings
+    with a knob the model could not decide by, or batches of 0. Errors name the field."""
+    from serving.app import GatedModelServer
     from serving.engine import Engine
+    from serving.settings import AppArgs
 
-    cls = GatedModelServer.func_or_class  # the method alone: no Ray
+    cls = GatedModelServer.func_or_class  # the methods alone: no Ray
     applied = []
-    replica = SimpleNamespace(settings=ServerSettings(), engine=Engine(gated_checkpoint, threads=1), autopilot=None,
+    replica = SimpleNamespace(settings=AppArgs(), engine=Engine(gated_checkpoint, threads=1), autopilot=None,
                               _export_gauges=lambda: None, _apply_batching=lambda b, w: applied.append((b, w)))
+    replica._apply = MethodType(cls._apply, replica)
     reconfigure = MethodType(cls.reconfigure, replica)
-    before = replica.engine.default_policy
-    for bad, message in (({"policy": "greedy", "knob": 1000}, "greedy k=1000 exceeds"),
-                         ({"policy": "fastest"}, "unknown policy"),
-                         ({"max_batch_size": 0}, "max_batch_size must be an integer >= 1, got 0"),
-                         ({"knob": 0.3, "max_batch_size": -1}, "max_batch_size must be an integer >= 1"),
-                         ({"knob": 0.3, "batch_wait_ms": -5}, "batch_wait_ms must be a number >= 0"),
-                         ({"knob": 0.3, "bogus": 1}, "unknown user_config keys \\['bogus'\\]")):
+    before, settings = replica.engine.default_policy, replica.settings
+    for bad, message in (({"policy": "greedy", "knob": 1000}, "user_config policy/knob: greedy k=1000 exceeds"),
+                         ({"policy": "fastest"}, "policy: unknown policy 'fastest'"),
+                         ({"max_batch_size": 0}, "max_batch_size: Input should be greater than or equal to 1, "
+                                                 "got 0"),
+                         ({"knob": 0.3, "max_batch_size": -1}, "max_batch_size: Input should be greater"),
+                         ({"knob": 0.3, "max_batch_size": True}, "max_batch_size: Input should be a valid integer"),
+                         ({"knob": 0.3, "batch_wait_ms": -5}, "batch_wait_ms: Input should be greater"),
+                         ({"knob": float("nan")}, "knob: Input should be a finite number"),
+                         ({"knob": 0.3, "bogus": 1}, "invalid user_config: bogus: unknown field"),
+                         ({"checkpoint": "other"}, "checkpoint: unknown field"),  # an app arg, not a live one
+                         ([("knob", 0.3)], "invalid user_config: expected a mapping")):
         with pytest.raises(ValueError, match=message):
             reconfigure(bad)
-        assert replica.engine.default_policy is before and applied == [], bad
+        assert replica.engine.default_policy is before and applied == [] and replica.settings is settings, bad
     reconfigure({"policy": "threshold", "knob": 0.0, "max_batch_size": 8})
     assert replica.engine.default_policy.to_dict() == {"name": "threshold", "knob": 0.0}
-    assert applied == [(8, float(ServerSettings().batch_wait_ms))]
+    assert applied == [(8, AppArgs().batch_wait_ms)]
+    assert (replica.settings.max_batch_size, replica.settings.policy) == (8, "threshold")
+    reconfigure({"batch_wait_ms": 1})  # what a user_config leaves out keeps its value
+    assert applied[-1] == (8, 1.0) and replica.engine.default_policy.to_dict()["name"] == "threshold"
+    # the same fields as application args: a replica starts with them, checked against the model alike
+    with pytest.raises(ValueError, match="application args policy/knob: greedy k=1000 exceeds"):
+        replica._apply(AppArgs(policy="greedy", knob=1000), {"policy", "knob"}, "application args")

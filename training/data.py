@@ -157,7 +157,8 @@ def card_split(card, val_fraction: float | None = None, seed: int | None = None)
     """(val_fraction, split seed) a checkpoint's backbone was trained with, from its card's S1 config
     (0.1 and 0 when it has none); a value given here wins. Every later stage and every evaluation uses
     this split, so no validation image is ever trained on."""
-    s1 = ((card.info or {}).get("config") or {}) if card is not None else {}
+    info = (card.info or {}) if card is not None else {}
+    s1 = info.get("split") or info.get("config") or {}  # a shipped card's split, else the S1 config's
     return (float(s1.get("val_fraction", 0.1)) if val_fraction is None else val_fraction,
             int(s1.get("split_seed", 0)) if seed is None else seed)
 

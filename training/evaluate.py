@@ -27,15 +27,17 @@ def evaluate_gated(model: GatedModel, data: ImageSet, policy: Optional[Policy] =
         flops.append(out.flops)
         keeps.append(out.keep)
     keep = torch.cat(keeps)
-    full = model.flops.full
+    reference = model.flops.reference  # the uncut backbone, every unit run
     used = policy or model.policy
+    mean_flops = float(torch.cat(flops).mean())
     return {
         "n_images": n,
         "policy": used.to_dict(),
         "top1": correct / n,
-        "top1_full": correct_full / n,
-        "flops_ratio": float(torch.cat(flops).mean() / full),
-        "gate_flops_ratio": (model.gate_flops / full) if used.needs_scores else 0.0,
+        "top1_full": correct_full / n,  # every unit this model has, no gate
+        "flops": mean_flops,  # executed per image, gate included
+        "flops_ratio": mean_flops / reference,
+        "gate_flops_ratio": (model.gate_flops / reference) if used.needs_scores else 0.0,
         "units_executed_mean": float(keep.sum(1).float().mean()),
         "distinct_paths": len({tuple(r) for r in keep.tolist()}),
         "per_unit_skip_rate": [round(v, 4) for v in (1 - keep.float().mean(0)).tolist()],

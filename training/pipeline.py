@@ -1,17 +1,36 @@
-"""S6: S1 once, then rounds of S3 (labels) -> S4 (gate) -> S5 (finetune) until the targets hold.
+"""``skipserve pipeline``: a recipe's named stages, run in order, each resumable, then the models it ships.
 
-Run directory layout (every file written atomically; a stage whose output exists is
-skipped, and a stage that was killed resumes from its last finished epoch):
+A recipe (YAML) has three sections:
 
-    recipe.yaml                  the recipe as run
-    s1/backbone.safetensors      S1 output (+ s1/metrics.jsonl, s1/backbone-state.pt)
-    round<k>/labels.safetensors  S3 importance labels of the training split (round 1 on the full
-                                 path, later rounds on each image's path under the previous model)
-    round<k>/gated.safetensors   S4 output: the backbone with its new gate, BN recalibrated on its paths
-    round<k>/model.safetensors   S5 output: finetuned, BN recalibrated
-    round<k>/eval-gated.json     validation figures of the S4 output (the new gate on the previous backbone)
-    round<k>/eval.json           validation figures of the S5 output
-    summary.json                 rounds, candidates, targets met, final checkpoint (the best candidate)
+    data:    the image archive and its train/validation split, shared by every stage
+    stages:  name -> {kind: ..., inputs by stage name, the kind's config fields}, run in the order written
+    ship:    zoo name -> stage name: the models the recipe makes, written with their model cards
+    targets: optional; the bars the shipped gated model is checked against (reported, never tuned on)
+
+Stage kinds (``KINDS``):
+
+    backbone  S1: train a CIFAR ResNet, from scratch or from ``init`` (a stage or a checkpoint), optionally
+              grown into a deeper one (``grow``)
+    label     S3: importance labels of every unit for every training image, for ``model``
+    gate      S4: a gate (``gate``: resnet8, lstm or mlp) trained on ``labels`` for ``model``'s backbone; then
+              the rule and knob it is served with, and BN statistics re-estimated on its paths (``cutout``:
+              as the backbone was trained)
+    cut       a static depth cut: the ``keep`` units ``model``'s gate skips least, the rest removed from
+              ``model``'s backbone, or from ``backbone``'s (a stage or checkpoint of the same architecture)
+    margin    ``model``'s gate (trained on labels of a cut) decides only its least important unit
+    finetune  S5: the backbone trained on each image's own path, distilled from ``teacher``; epochs 0
+              re-estimates BN statistics (and sets a knob) only
+
+Run directory (``--run-dir``, ``out/pipeline/<recipe name>`` by default; every file written atomically):
+
+    recipe.yaml                   the recipe as last run
+    <stage>/stage.json            the stage's kind, inputs and config as run: a changed stage is refused
+    <stage>/model.safetensors     a model stage's output (label: labels.safetensors), plus its run state
+    <stage>/eval.json             validation figures of a model stage's output
+    ship/<name>.safetensors       each shipped model, its card naming the recipe, data, split and figures
+    summary.json                  every stage's figures, the shipped models and whether the targets hold
+
+A stage whose output exists is skipped; a killed stage resumes from its last finished epoch.
 """
 from __future__ import annotations
 
@@ -19,51 +38,184 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
-import torch
 import yaml
 
-from gating.backbones import ArchSpec, build_backbone
 from gating.checkpoint import atomic_write_text
-from gating.gates import GATES
 from gating.model import GatedModel
-from gating.policies import POLICIES, Full
-from training.backbone import BackboneConfig, evaluate, load_split, train_backbone
+from gating.registry import Registry
+from training.backbone import BackboneConfig, load_split, train_backbone
 from training.config import typed_fields
-from training.data import check_cutout
 from training.evaluate import evaluate_gated
-from training.finetune import FinetuneConfig, check_policy, finetune, serve_new_gate
-from training.finetune import check_config as check_finetune
-from training.gate import GateConfig, make_gate, train_gate
+from training.finetune import FinetuneConfig, check_config as check_finetune, finetune, serve_new_gate
+from training.gate import GateConfig, train_gate
 from training.labels import LabelConfig, label_dataset, load_labels, save_labels
-from training.run import pick_device, record_stage, use_bf16
 
 
 class RecipeError(ValueError):
-    """A recipe that cannot be run; the message names the file, the section and the key."""
+    """A recipe that cannot be run; the message names the file, the stage and the key."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "../shared/data/cifar10-train-jpeg.tar.gz"  # image folder or archive of <class>/*.jpg
+    val_fraction: float = 0.1  # held out, stratified; every figure is measured on it, nothing trains on it
+    split_seed: int = 0
+    limit_train: Optional[int] = None  # only the first N training images (tests, smoke runs)
 
 
 @dataclass
 class Targets:
-    min_flops_saved: float = 0.40  # 1 - flops_ratio on validation, gate FLOPs counted
-    max_top1_drop: float = 0.005  # allowed validation top-1 loss against the S1 backbone
+    model: str = "default"  # the shipped name checked
+    backbone: str = "default-backbone"  # the shipped name it is compared with
+    min_flops_saved: float = 0.40  # 1 - flops_ratio on validation, gate counted
+    max_top1_drop: float = 0.005  # validation top-1 it may lose against the backbone
+
+
+# ------------------------------------------------------------------ stage kinds
+@dataclass
+class Kind:
+    config: type  # the dataclass of the stage's own fields
+    inputs: tuple[str, ...]  # fields naming earlier stages (or checkpoint files), in this order
+    output: str  # file the stage writes in its directory
+    run: Callable[..., Any]  # (stage context) -> model or labels written to the output
+
+
+KINDS: Registry[Kind] = Registry("stage kind")
+
+
+@dataclass
+class CutConfig:
+    keep: int = 9  # units left; the others, those the gate skips most, are removed
+    images: int = 10_000  # training images whose decisions rank the units
+
+
+@dataclass
+class MarginConfig:
+    easy: float = 0.3  # share of training images that skip the margin unit
+
+
+@dataclass
+class GateStageConfig(GateConfig):
+    policy: Optional[str] = None  # the rule the gated model is served with; None: no rule set, no BN re-estimation
+    knob: Optional[float] = None
+    flops_target: Optional[float] = None  # instead of knob: the mean FLOPs ratio the knob is set to spend
+    cutout: int = 0  # BN re-estimation on the new paths uses Cutout as the backbone was trained
+
+
+@dataclass
+class Context:
+    """What a stage runner gets: its config, its inputs' paths, its directory, the split."""
+    cfg: Any
+    inputs: dict[str, Path]
+    dir: Path
+    data: DataConfig
+    splits: Callable[[], tuple]  # () -> (train, val), loaded once
+
+
+def _backbone(c: Context) -> Path:
+    cfg = dataclasses.replace(c.cfg, data=c.data.path, val_fraction=c.data.val_fraction,
+                              split_seed=c.data.split_seed, limit_train=c.data.limit_train,
+                              init=str(c.inputs["init"]) if "init" in c.inputs else None,
+                              teacher=str(c.inputs["teacher"]) if "teacher" in c.inputs else None)
+    return train_backbone(cfg, c.dir)
+
+
+def _label(c: Context) -> None:
+    model = GatedModel.load(c.inputs["model"])
+    train, _ = c.splits()
+    imp = label_dataset(model.backbone, train, LabelConfig(batch_size=c.cfg.batch_size),
+                        decide=model.decide if model.gate is not None else None)
+    save_labels(c.dir / "labels.safetensors", imp, source=str(c.inputs["model"]), num_units=model.num_units)
+
+
+def _labels_of(c: Context, model: GatedModel):
+    train, _ = c.splits()
+    return train, load_labels(c.inputs["labels"], num_images=len(train), num_units=model.num_units)
+
+
+def _gate(c: Context) -> GatedModel:
+    model = GatedModel.load(c.inputs["model"])
+    train, imp = _labels_of(c, model)
+    gate_cfg = GateConfig(**{f.name: getattr(c.cfg, f.name) for f in dataclasses.fields(GateConfig)})
+    model = train_gate(model, train, imp, gate_cfg, c.dir)
+    if c.cfg.policy is None:  # a gate for a later stage (margin) that sets its own rule
+        return model
+    serve = FinetuneConfig(policy=c.cfg.policy, knob=c.cfg.knob, flops_target=c.cfg.flops_target)
+    return serve_new_gate(model, train, serve, cutout_size=c.cfg.cutout)
+
+
+def _cut(c: Context) -> GatedModel:
+    from training.cut import most_skipped, static_cut
+
+    model = GatedModel.load(c.inputs["model"])
+    if not 0 < c.cfg.keep < model.num_units:
+        raise ValueError(f"keep must be between 1 and {model.num_units - 1} units, got {c.cfg.keep}")
+    train, _ = c.splits()
+    remove = most_skipped(model, train, model.num_units - c.cfg.keep, images=c.cfg.images)
+    source = GatedModel.load(c.inputs["backbone"]) if "backbone" in c.inputs else model
+    cut = static_cut(source, remove)
+    cut.card.info = {**cut.card.info, "removed_units": remove}
+    return cut
+
+
+def _margin(c: Context) -> GatedModel:
+    from training.margin import margin
+
+    model = GatedModel.load(c.inputs["model"])
+    train, imp = _labels_of(c, model)
+    model, chosen = margin(model, imp, train, easy=c.cfg.easy)
+    model.card.info = {**model.card.info, **chosen}
+    return model
+
+
+def _finetune(c: Context) -> GatedModel:
+    model = GatedModel.load(c.inputs["model"])
+    teacher = GatedModel.load(c.inputs["teacher"]).backbone if "teacher" in c.inputs else None
+    train, _ = c.splits()
+    return finetune(model, train, c.cfg, c.dir, teacher=teacher)
+
+
+KINDS.register("backbone")(Kind(BackboneConfig, ("init", "teacher"), "backbone.safetensors", _backbone))
+KINDS.register("label")(Kind(LabelConfig, ("model",), "labels.safetensors", _label))
+KINDS.register("gate")(Kind(GateStageConfig, ("model", "labels"), "model.safetensors", _gate))
+KINDS.register("cut")(Kind(CutConfig, ("model", "backbone"), "model.safetensors", _cut))
+KINDS.register("margin")(Kind(MarginConfig, ("model", "labels"), "model.safetensors", _margin))
+KINDS.register("finetune")(Kind(FinetuneConfig, ("model", "teacher"), "model.safetensors", _finetune))
+# fields a stage may not set: the data section sets them for every stage
+DATA_FIELDS = {"data", "val_fraction", "split_seed", "limit_train"}
+
+
+# ------------------------------------------------------------------ the recipe
+@dataclass
+class Stage:
+    name: str
+    kind: str
+    inputs: dict[str, str]  # input field -> stage name or checkpoint path
+    cfg: Any  # the kind's config
+
+    def record(self) -> dict:
+        return {"kind": self.kind, "inputs": self.inputs, "config": dataclasses.asdict(self.cfg)}
 
 
 @dataclass
 class Recipe:
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # S1 (also holds the data and split)
-    label: LabelConfig = field(default_factory=LabelConfig)  # S3
-    gate: GateConfig = field(default_factory=GateConfig)  # S4
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # S5 (policy and knob served)
-    targets: Targets = field(default_factory=Targets)  # S6 stopping rule
-    rounds: int = 2  # most S3-S5 rounds
-    # S5 fields changed for rounds after the first, which start from a backbone already finetuned
-    # on gated paths, e.g. {epochs: 8, lr: 0.005}; the served policy and knob stay the same
-    refine: dict = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[Stage] = field(default_factory=list)
+    ship: dict[str, str] = field(default_factory=dict)  # zoo name -> stage
+    targets: Optional[Targets] = None
 
-    def finetune_config(self, round_index: int) -> FinetuneConfig:
-        return self.finetune if round_index == 1 else dataclasses.replace(self.finetune, **self.refine)
+
+def _typed(cls: type, raw: dict, where: str):
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**typed_fields(cls, raw, where))
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -74,191 +226,165 @@ def load_recipe(path: str | Path) -> Recipe:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML ({err})") from err
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: expected a mapping with sections {[f.name for f in dataclasses.fields(Recipe)]}")
-    recipe = _build(Recipe, raw, f"{path}")
-    if isinstance(recipe.refine, dict):  # [finetune] fields, typed as there (a stored recipe compares equal)
+    sections = {"data", "stages", "ship", "targets"}
+    if not isinstance(raw, dict) or set(raw) - sections:
+        extra = sorted(set(raw) - sections) if isinstance(raw, dict) else raw
+        raise RecipeError(f"{path}: a recipe is a mapping of {sorted(sections)}; got {extra!r}")
+    stages_raw = raw.get("stages") or {}
+    if not isinstance(stages_raw, dict) or not stages_raw:
+        raise RecipeError(f"{path}: [stages] must map stage names to {{kind: ..., ...}}")
+    recipe = Recipe(data=_typed(DataConfig, raw.get("data") or {}, f"{path} [data]"),
+                    targets=_typed(Targets, raw["targets"], f"{path} [targets]") if raw.get("targets") else None)
+    seen: set[str] = set()
+    for name, spec in stages_raw.items():
+        where = f"{path} [stages.{name}]"
+        if not isinstance(spec, dict) or "kind" not in spec:
+            raise RecipeError(f"{where}: a stage is a mapping with a kind ({', '.join(KINDS)})")
+        spec = dict(spec)
         try:
-            recipe.refine = typed_fields(FinetuneConfig, recipe.refine, f"{path} [refine]")
-        except ValueError as err:
-            raise RecipeError(str(err)) from None
+            kind = KINDS.get(spec.pop("kind"))
+        except KeyError as err:
+            raise RecipeError(f"{where}: {err.args[0]}") from None
+        inputs = {k: v for k in kind.inputs if (v := spec.pop(k, None)) is not None}
+        if kind.config is GateStageConfig and "gate" in spec:  # the gate's own kind: resnet8, lstm or mlp
+            spec["kind"] = spec.pop("gate")
+        for key, ref in inputs.items():
+            if not isinstance(ref, str) or (ref not in seen and not ref.endswith(".safetensors")):
+                raise RecipeError(f"{where}: {key} {ref!r} is neither an earlier stage ({sorted(seen)}) nor a "
+                                  ".safetensors checkpoint")
+        if DATA_FIELDS & set(spec) and kind.config is BackboneConfig:
+            raise RecipeError(f"{where}: {sorted(DATA_FIELDS & set(spec))} belong to the [data] section")
+        recipe.stages.append(Stage(name, _kind_name(kind), inputs,
+                                   _typed(kind.config, spec, where)))
+        seen.add(name)
+    for key in ("model",):
+        for stage in recipe.stages:
+            if key in KINDS.get(stage.kind).inputs and key not in stage.inputs:
+                raise RecipeError(f"{path} [stages.{stage.name}]: needs {key} (an earlier stage)")
+    ship = raw.get("ship") or {}
+    if not isinstance(ship, dict) or not all(isinstance(v, str) and v in seen for v in ship.values()):
+        raise RecipeError(f"{path} [ship]: must map zoo names to stages of this recipe ({sorted(seen)}), got {ship!r}")
+    recipe.ship = dict(ship)
+    if recipe.targets is not None and {recipe.targets.model, recipe.targets.backbone} - set(recipe.ship):
+        raise RecipeError(f"{path} [targets]: model and backbone must be names in [ship] ({sorted(recipe.ship)})")
+    _validate(recipe, str(path))
     return recipe
 
 
-def _build(cls, raw: dict, where: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
-    values = {}
-    for name, value in raw.items():
-        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(default):
-            if not isinstance(value, dict):
-                raise RecipeError(f"{where}: section {name!r} must be a mapping")
-            values[name] = _build(type(default), value, f"{where} [{name}]")
-        else:
-            values[name] = value
-    try:
-        values = typed_fields(cls, values, where)
-    except ValueError as err:
-        raise RecipeError(str(err)) from None
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise RecipeError(f"{where}: {err}") from err
+def _kind_name(kind: Kind) -> str:
+    return next(name for name in KINDS if KINDS.get(name) is kind)
 
 
 def _validate(recipe: Recipe, where: str) -> None:
-    checks = [
-        (recipe.rounds >= 1, "rounds must be >= 1"),
-        (recipe.backbone.epochs >= 1, "[backbone] epochs must be >= 1"),
-        (recipe.gate.kind in GATES, f"[gate] unknown kind {recipe.gate.kind!r}; known: {', '.join(GATES)}"),
-        (0 < recipe.targets.min_flops_saved < 1, "[targets] min_flops_saved must be in (0, 1)"),
-        (recipe.targets.max_top1_drop >= 0, "[targets] max_top1_drop must be >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise RecipeError(f"{where}: {message}")
-    if not isinstance(recipe.refine, dict):
-        raise RecipeError(f"{where}: refine must be a mapping of [finetune] fields")
-    known = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"policy", "knob", "flops_target"}
-    unknown = sorted(set(recipe.refine) - known)
-    if unknown:
-        raise RecipeError(f"{where}: [refine] cannot set {unknown}; it may set {sorted(known)} "
-                          "(every round serves the [finetune] policy and knob, or flops_target)")
-    # every field a later stage would refuse, refused now: not after hours of S1
-    if not 0 < recipe.backbone.val_fraction < 1:
-        raise RecipeError(f"{where}: [backbone] val_fraction must be in (0, 1): the targets are measured "
-                          f"on the validation split, got {recipe.backbone.val_fraction}")
-    if recipe.label.batch_size < 1:
-        raise RecipeError(f"{where}: [label] batch_size must be >= 1, got {recipe.label.batch_size}")
-    try:
-        check_cutout(recipe.backbone.cutout)
-        pick_device(recipe.backbone.device)
-        use_bf16(torch.device("cpu"), recipe.backbone.amp)
-        probe = build_backbone(ArchSpec(recipe.backbone.arch))  # a throwaway the [gate] section is built on
-    except (ValueError, TypeError, KeyError) as err:
-        raise RecipeError(f"{where}: [backbone] {err}") from None
-    for section, check in (("gate", lambda: make_gate(recipe.gate, probe)),
-                           ("finetune", lambda: check_finetune(recipe.finetune)),
-                           ("refine", lambda: check_finetune(recipe.finetune_config(2)))):
+    """Every field a stage would refuse only after hours of earlier stages, refused now."""
+    for stage in recipe.stages:
+        here = f"{where} [stages.{stage.name}]"
         try:
-            check()
-        except (ValueError, TypeError) as err:
-            raise RecipeError(f"{where}: [{section}] {err}") from None
-    served = recipe.finetune
-    if served.policy is None:
-        raise RecipeError(f"{where}: [finetune] must set the served policy and its knob (or flops_target)")
-    try:
-        POLICIES.get(served.policy)
-        check_policy(served, Full(), GATES.get(recipe.gate.kind).upfront)
-    except KeyError as err:
-        raise RecipeError(f"{where}: [finetune] {err.args[0]}") from None
-    except ValueError as err:
-        raise RecipeError(f"{where}: [finetune] {err}") from None
+            if stage.kind == "finetune":
+                check_finetune(stage.cfg)
+            if stage.kind == "margin" and not 0 < stage.cfg.easy < 1:
+                raise ValueError(f"easy must be in (0, 1), got {stage.cfg.easy}")
+            if stage.kind == "cut" and stage.cfg.keep < 1:
+                raise ValueError(f"keep must be >= 1, got {stage.cfg.keep}")
+            if stage.kind == "backbone" and stage.cfg.epochs < 1:
+                raise ValueError(f"epochs must be >= 1, got {stage.cfg.epochs}")
+        except ValueError as err:
+            raise RecipeError(f"{here}: {err}") from None
 
 
-def best_round(rounds: list[dict], min_flops_saved: float) -> dict:
-    """The candidate to ship: the most accurate of those saving enough FLOPs, else the most accurate.
-    A later round is not always better (round 2 of an earlier recipe, labelled on the full path, lost 20 pp),
-    nor is a round's S5 output always better than its S4 output (a new gate on the previous round's
-    finetuned backbone scored 0.849 before S5 and 0.601 after, though that S5 distilled from a spoilt
-    teacher, since fixed)."""
-    return max(rounds, key=lambda r: (r["flops_saved"] >= min_flops_saved, r["top1"]))
+# ------------------------------------------------------------------ running
+def default_run_dir(recipe_path: str | Path) -> Path:
+    return Path("out") / "pipeline" / Path(recipe_path).stem
 
 
-# what each recipe section made, by file pattern in the run directory: a section may not change once
-# its outputs exist (a rerun would reuse them as if the new recipe had made them). `rounds` and
-# `targets` may: more rounds, or another stopping rule, continue the same run.
-MADE_BY = {
-    "backbone": ("s1/backbone.safetensors", "s1/backbone-state.pt"),
-    "label": ("round*/labels.safetensors",),
-    "gate": ("round*/gated.safetensors", "round*/gate-state.pt"),
-    # S4's output is served (rule, knob) and recalibrated by [finetune]'s settings too
-    "finetune": ("round*/gated.safetensors", "round*/model.safetensors", "round*/finetune-state.pt"),
-    "refine": ("round*/model.safetensors", "round*/finetune-state.pt"),
-}
-
-
-def check_unchanged(recipe: Recipe, run: Path, where: str) -> None:
-    """Refuse a recipe whose sections differ from those ``run`` was started with, where their outputs exist."""
-    stored = run / "recipe.yaml"
-    if not stored.exists():
-        return
-    before = load_recipe(stored)
-    for section, patterns in MADE_BY.items():
-        old, new = getattr(before, section), getattr(recipe, section)
-        old, new = (old, new) if section == "refine" else (dataclasses.asdict(old), dataclasses.asdict(new))
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        made = sorted(str(p.relative_to(run)) for pattern in patterns for p in run.glob(pattern))
-        if changed and made:
-            extend = (" (to extend a finished S1 by another warm-restart cycle, copy s1/'s backbone-state.pt, "
-                      "backbone-config.json and metrics.jsonl into the new one)") if section == "backbone" else ""
-            raise RecipeError(f"{where}: [{section}] {changed} differ from the recipe {run} was started with, "
-                              f"and {', '.join(made[:3])} {'were' if len(made) > 1 else 'was'} made by it; "
-                              f"use a new run directory{extend}, or delete those files to redo them")
-
-
-def run_pipeline(recipe_path: str | Path, run_dir: str | Path) -> dict:
+def run_pipeline(recipe_path: str | Path, run_dir: str | Path | None = None) -> dict:
     recipe = load_recipe(recipe_path)
-    _validate(recipe, str(recipe_path))
-    run = Path(run_dir)
-    check_unchanged(recipe, run, str(recipe_path))
+    run = Path(run_dir) if run_dir is not None else default_run_dir(recipe_path)
+    for stage in recipe.stages:  # refuse a changed stage before any work
+        _check_unchanged(stage, run / stage.name, str(recipe_path))
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run / "recipe.yaml", Path(recipe_path).read_text())
+    cache: dict[str, tuple] = {}
 
-    s1 = run / "s1" / "backbone.safetensors"
-    if not s1.exists():
-        train_backbone(recipe.backbone, run / "s1")
-    train, val = load_split(recipe.backbone)
-    base = GatedModel.load(s1)  # the bar and every round's S5 teacher: never trained further
-    base_top1 = evaluate(base.backbone, val)
-    # round 1 gets its own copy: S4 and S5 change the model they are given in place, and a teacher
-    # finetuned onto round 1's paths (full-path top-1 0.61) once dragged round 2's S5 down to 0.60
-    rounds, candidates, model, met = [], [], GatedModel.load(s1), False
-    for k in range(1, recipe.rounds + 1):
-        rdir = run / f"round{k}"
-        gated, final = rdir / "gated.safetensors", rdir / "model.safetensors"
-        source = s1 if k == 1 else run / f"round{k - 1}" / "model.safetensors"  # the model this round starts from
-        if not final.exists():
-            labels = rdir / "labels.safetensors"
-            if not labels.exists():  # round k >= 2: on the paths the previous round's model runs
-                # on the accelerator when present (inference only: ResNet-56's 45,000 x 27 labels took
-                # 28 s on an H200, data decoding included); S4 stays on the CPU, S5 picks its own device
-                model.to(pick_device(recipe.backbone.device))
-                imp = label_dataset(model.backbone, train, recipe.label, decide=model.decide if k > 1 else None)
-                model.cpu()
-                save_labels(labels, imp, source=str(source), num_units=model.num_units)
-            imp = load_labels(labels, num_images=len(train), num_units=model.num_units)
-            if gated.exists():
-                model = GatedModel.load(gated)
-            else:
-                model = train_gate(model, train, imp, recipe.gate, rdir)
-                # the backbone was last trained by S1 in round 1, by the previous round's S5 later
-                last_cutout = recipe.backbone.cutout if k == 1 else recipe.finetune_config(k - 1).cutout
-                serve_new_gate(model, train, recipe.finetune_config(k), cutout_size=last_cutout)
-                record_stage(model, f"S4 round {k}", str(source), recipe=str(recipe_path))
-                model.save(gated)
-            model = finetune(model, train, recipe.finetune_config(k), rdir, teacher=base.backbone)
-            record_stage(model, f"S5 round {k}", str(gated), recipe=str(recipe_path))
-            model.save(final)
-        # both outputs of the round are candidates: S5 does not always improve on S4's gate
-        for stage, path, name in (("S4", gated, "eval-gated.json"), ("S5", final, "eval.json")):
-            model = GatedModel.load(path)  # the S5 output, after the loop: the next round labels its paths
-            figures = evaluate_gated(model, val)
-            figures.update(round=k, stage=stage, checkpoint=str(path), backbone_top1=base_top1,
-                           flops_saved=1 - figures["flops_ratio"], top1_drop=base_top1 - figures["top1"])
-            atomic_write_text(rdir / name, json.dumps(figures, indent=2) + "\n")
-            candidates.append(figures)
-        rounds.append(candidates[-1])
-        met = any(f["flops_saved"] >= recipe.targets.min_flops_saved and f["top1_drop"] <= recipe.targets.max_top1_drop
-                  for f in candidates[-2:])
-        if met:
-            break
-    best = best_round(candidates, recipe.targets.min_flops_saved)
-    summary = {"backbone": str(s1), "backbone_top1": base_top1, "rounds": rounds, "candidates": candidates,
-               "targets_met": met, "targets": dataclasses.asdict(recipe.targets), "best_round": best["round"],
-               "best_stage": best["stage"], "final": best["checkpoint"]}
+    def splits():
+        if "split" not in cache:
+            cache["split"] = load_split(BackboneConfig(data=recipe.data.path, val_fraction=recipe.data.val_fraction,
+                                                       split_seed=recipe.data.split_seed,
+                                                       limit_train=recipe.data.limit_train))
+        return cache["split"]
+
+    outputs: dict[str, Path] = {}
+    figures: dict[str, dict] = {}
+    for stage in recipe.stages:
+        kind = KINDS.get(stage.kind)
+        sdir = run / stage.name
+        out = sdir / kind.output
+        outputs[stage.name] = out
+        inputs = {k: outputs.get(ref, Path(ref)) for k, ref in stage.inputs.items()}
+        if not out.exists():
+            sdir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(sdir / "stage.json", json.dumps(stage.record(), indent=2, sort_keys=True) + "\n")
+            made = kind.run(Context(stage.cfg, inputs, sdir, recipe.data, splits))
+            if isinstance(made, GatedModel):
+                _record(made, stage)
+                made.save(out)
+        if kind.output == "model.safetensors" or stage.kind == "backbone":
+            figures[stage.name] = _evaluate_once(out, sdir / "eval.json", splits)
+    shipped = {}
+    for name, stage_name in recipe.ship.items():
+        path = run / "ship" / f"{name}.safetensors"
+        model = GatedModel.load(outputs[stage_name])
+        model.card.info = ship_card(recipe_path, stage_name, recipe.data, figures[stage_name])
+        model.save(path)
+        shipped[name] = {"stage": stage_name, "checkpoint": str(path), **figures[stage_name]}
+    summary = {"stages": figures, "ship": shipped}
+    if recipe.targets is not None:
+        t = recipe.targets
+        gated, base = shipped[t.model], shipped[t.backbone]
+        summary["targets"] = dataclasses.asdict(t)
+        summary["targets_met"] = (1 - gated["flops"] / base["flops"] >= t.min_flops_saved
+                                  and base["top1"] - gated["top1"] <= t.max_top1_drop)
     atomic_write_text(run / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _check_unchanged(stage: Stage, sdir: Path, where: str) -> None:
+    stored = sdir / "stage.json"
+    if not stored.exists():
+        return
+    before = json.loads(stored.read_text())
+    now = json.loads(json.dumps(stage.record(), sort_keys=True))
+    if before != now:
+        changed = sorted(k for k in set(before["config"]) | set(now["config"])
+                         if before["config"].get(k) != now["config"].get(k))
+        what = changed or [k for k in ("kind", "inputs") if before.get(k) != now.get(k)]
+        raise RecipeError(f"{where} [stages.{stage.name}]: {what} differ from the run in {sdir}; use a new "
+                          f"--run-dir, or delete {sdir} (and the stages after it) to redo it")
+
+
+def _record(model: GatedModel, stage: Stage) -> None:
+    model.card.info = {**model.card.info, "stage": stage.name, "kind": stage.kind}
+
+
+def _evaluate_once(path: Path, out: Path, splits) -> dict:
+    if out.exists():
+        return json.loads(out.read_text())
+    _, val = splits()
+    figures = evaluate_gated(GatedModel.load(path), val)
+    atomic_write_text(out, json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+def ship_card(recipe_path: str | Path, stage: str, data: DataConfig, figures: dict) -> dict:
+    """A shipped model's card info: its recipe (relative to the repository), data, split and validation figures."""
+    recipe = Path(recipe_path)
+    if recipe.is_absolute():
+        try:
+            recipe = recipe.relative_to(Path.cwd())
+        except ValueError:
+            recipe = Path(recipe.name)
+    keys = ("top1", "flops", "flops_ratio", "gate_flops_ratio", "units_executed_mean", "distinct_paths",
+            "per_unit_skip_rate", "policy", "n_images")
+    return {"recipe": recipe.as_posix(), "stage": stage, "data": Path(data.path).name,
+            "split": {"val_fraction": data.val_fraction, "split_seed": data.split_seed},
+            "validation": {k: figures[k] for k in keys if k in figures}}

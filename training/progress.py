@@ -19,6 +19,8 @@ from typing import Optional
 
 # the stages that keep per-epoch records, by the name RunDir files them under
 EPOCH_STAGES = {"backbone": "S1", "gate": "S4", "finetune": "S5"}
+# a pipeline stage kind -> the patent's stage it is, where it is one
+KIND_STAGES = {**EPOCH_STAGES, "label": "S3", "cut": "cut", "margin": "margin"}
 TIMING_WINDOW = 5  # seconds per epoch: median of this many last epochs (a paused epoch does not skew it)
 
 
@@ -28,13 +30,13 @@ class ProgressError(ValueError):
 
 @dataclass
 class StageProgress:
-    stage: str  # "S1", "S3", "S4" or "S5"
+    stage: str  # "S1", "S3", "S4", "S5", "cut" or "margin"
     what: str  # e.g. "backbone resnet32", "labels", "gate resnet8", "finetune"
     # "done" (its output is written), "epochs done" (every epoch recorded, the output not written, or for
     # train-gate and finetune, whose output goes to --out, not looked for), "started" (running or stopped
-    # part-way), "pending" or "skipped" (a pipeline round after the one that met the targets)
+    # part-way) or "pending"
     status: str
-    round: Optional[int] = None  # pipeline round (None: S1, or a stage command's run directory)
+    name: Optional[str] = None  # the pipeline stage's name in its recipe (None: a stage command's run directory)
     epochs_done: int = 0  # last recorded epoch + 1 (a record lost to a kill after the state was saved is not missed)
     epochs: Optional[int] = None  # None: the stage has no epochs (S3)
     last: Optional[dict] = None  # the record of the last finished epoch
@@ -42,7 +44,7 @@ class StageProgress:
     best_epoch: Optional[int] = None
     seconds_per_epoch: Optional[float] = None  # median of the last TIMING_WINDOW epochs
     eta_s: Optional[float] = None  # a started stage: epochs left x seconds_per_epoch
-    eval: Optional[dict] = None  # pipeline S4 and S5: validation figures of the stage's output
+    eval: Optional[dict] = None  # a pipeline stage's model: its validation figures
 
 
 def run_progress(run_dir: str | Path) -> dict:
@@ -69,38 +71,30 @@ def run_progress(run_dir: str | Path) -> dict:
 
 
 def _pipeline(run: Path) -> tuple[list[StageProgress], Optional[dict]]:
-    from training.pipeline import load_recipe  # imports torch: only for pipeline directories
+    from training.pipeline import KINDS, load_recipe  # imports torch: only for pipeline directories
 
     recipe = load_recipe(run / "recipe.yaml")
-    s1 = run / "s1"
-    stages = [_epoch_stage(s1, "backbone", "S1", f"backbone {recipe.backbone.arch}", recipe.backbone.epochs,
-                           finished=(s1 / "backbone.safetensors").exists())]
-    summary = _summary(run)
-    rounds_run = len(summary["rounds"]) if summary else None  # a finished pipeline stops when the targets hold
-    for k in range(1, recipe.rounds + 1):
-        rdir = run / f"round{k}"
-        if rounds_run is not None and k > rounds_run:
-            stages += [StageProgress(s, w, "skipped", round=k) for s, w in
-                       (("S3", "labels"), ("S4", f"gate {recipe.gate.kind}"), ("S5", "finetune"))]
-            continue
-        labels_done = (rdir / "labels.safetensors").exists()
-        stages.append(StageProgress("S3", "labels", "done" if labels_done else "pending", round=k))
-        for name, what, epochs, output, eval_name in (
-                ("gate", f"gate {recipe.gate.kind}", recipe.gate.epochs, "gated.safetensors", "eval-gated.json"),
-                ("finetune", "finetune", recipe.finetune_config(k).epochs, "model.safetensors", "eval.json")):
-            stage = _epoch_stage(rdir, name, EPOCH_STAGES[name], what, epochs, finished=(rdir / output).exists())
-            stage.round, stage.eval = k, _read_json(rdir / eval_name, needs=("top1", "flops_ratio"))
-            stages.append(stage)
-    return stages, summary
+    stages = []
+    for stage in recipe.stages:
+        sdir, kind = run / stage.name, KINDS.get(stage.kind)
+        finished = (sdir / kind.output).exists()
+        what = stage.kind + (f" {stage.cfg.arch}" if stage.kind == "backbone" and not stage.inputs.get("init") else "")
+        if stage.kind in EPOCH_STAGES:
+            p = _epoch_stage(sdir, stage.kind, EPOCH_STAGES[stage.kind], what, stage.cfg.epochs, finished=finished)
+        else:
+            p = StageProgress(KIND_STAGES[stage.kind], what, "done" if finished else "pending")
+        p.name, p.eval = stage.name, _read_json(sdir / "eval.json", needs=("top1", "flops_ratio"))
+        stages.append(p)
+    return stages, _summary(run)
 
 
 def _summary(run: Path) -> Optional[dict]:
     """The pipeline's summary.json, if it is of the run the recipe now describes: every start rewrites
-    recipe.yaml, and a rerun with more rounds must not show the old run's end as this one's."""
+    recipe.yaml, and a rerun with another recipe must not show the old run's end as this one's."""
     path, recipe = run / "summary.json", run / "recipe.yaml"
     if not path.exists() or path.stat().st_mtime_ns < recipe.stat().st_mtime_ns:
         return None
-    return _read_json(path, needs=("rounds", "targets_met", "best_round", "best_stage", "final", "backbone_top1"))
+    return _read_json(path, needs=("stages", "ship"))
 
 
 def _epoch_stage(directory: Path, name: str, stage: str, what: str, epochs: Optional[int], *,
@@ -172,10 +166,10 @@ def format_progress(progress: dict) -> str:
     """The human-readable table ``skipserve progress`` prints."""
     lines = [f"{progress['run_dir']} ({progress['kind']})"]
     # where a rerun of the pipeline picks up (a stage command's directory has no such order)
-    resumes = next((i for i, s in enumerate(progress["stages"]) if s["status"] not in ("done", "skipped")
+    resumes = next((i for i, s in enumerate(progress["stages"]) if s["status"] != "done"
                     and progress["kind"] == "pipeline"), None)
     for i, s in enumerate(progress["stages"]):
-        label = (f"round {s['round']} " if s["round"] else "") + f"{s['stage']} {s['what']}"
+        label = (f"{s['name']}: " if s["name"] else "") + f"{s['stage']} {s['what']}"
         epochs = f"{s['epochs_done']}/{s['epochs']} epochs" if s["epochs"] is not None else ""
         detail = []
         if s["best_val_top1"] is not None:
@@ -191,12 +185,14 @@ def format_progress(progress: dict) -> str:
             detail.append(f"{s['seconds_per_epoch']:.0f} s/epoch, ~{_duration(s['eta_s'])} left")
         if i == resumes:
             detail.append("<- next")
-        lines.append(f"  {label:<26} {s['status']:<11} {epochs:<15} {'  '.join(detail)}".rstrip())
+        lines.append(f"  {label:<34} {s['status']:<11} {epochs:<15} {'  '.join(detail)}".rstrip())
     summary = progress["summary"]
     if summary:
-        met = "met" if summary["targets_met"] else "not met"
-        lines.append(f"  finished: targets {met}; ships round {summary['best_round']} {summary['best_stage']} "
-                     f"({summary['final']}); S1 backbone top-1 {summary['backbone_top1']:.4f}")
+        for name, shipped in summary["ship"].items():
+            lines.append(f"  ships {name} ({shipped['stage']}): top-1 {shipped['top1']:.4f} at "
+                         f"{shipped['flops_ratio']:.3f} of the FLOPs -> {shipped['checkpoint']}")
+        if "targets_met" in summary:
+            lines.append(f"  targets {'met' if summary['targets_met'] else 'not met'}")
     return "\n".join(lines)
 
 
