@@ -192,7 +192,7 @@ def run(cfg: ReportConfig) -> dict:
 
     from benchmarks import accuracy, engine, serving
     from gating.model import GatedModel
-    from gating.zoo import resolve_checkpoint
+    from gating.zoo import resolve_checkpoint, sha256_of
     from training.backbone import BackboneConfig, load_split
     from training.data import card_split
     from training.evaluate import evaluate_gated
@@ -206,7 +206,8 @@ def run(cfg: ReportConfig) -> dict:
     model = GatedModel.load(resolve_checkpoint(cfg.checkpoint))
     fraction, split_seed = card_split(model.card)
     _, val = load_split(BackboneConfig(data=cfg.data, val_fraction=fraction, split_seed=split_seed))
-    results: dict = {"machine": machine_info(), "command": command, "quick": q}
+    results: dict = {"machine": machine_info(), "command": command, "quick": q,
+                     "checkpoint": {"name": cfg.checkpoint, "sha256": sha256_of(resolve_checkpoint(cfg.checkpoint))}}
 
     ecfg = engine.EngineBenchConfig(arch=model.backbone.spec.name, batches=(1, 8, 64))
     if q:
@@ -251,7 +252,7 @@ def replot(out: str | Path) -> dict:
         results = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not JSON ({err})") from None
-    missing = [k for k in ("accuracy", "engine", "labels", "profile") if not isinstance(results, dict) or k not in results]
+    missing = [k for k in ("accuracy", "engine", "labels", "profile", "checkpoint") if not isinstance(results, dict) or k not in results]
     if missing:
         raise ValueError(f"{path}: not a `skipserve bench report` results file (missing {missing})")
     results["replotted_at_commit"] = machine_info()["commit"]
@@ -262,6 +263,7 @@ def render(r: dict, caption: str) -> str:
     acc, eng, lab, prof = r["accuracy"], r["engine"], r["labels"], r["profile"]
     lines = [f"# skipserve benchmark report{' (quick)' if r['quick'] else ''}", "",
              f"Machine and provenance: {caption}.", "",
+             f"Gated model measured: `{r['checkpoint']['name']}`, sha256 {r['checkpoint']['sha256'][:12]}.", "",
              "Regenerate with the command above; nothing here is edited by hand."
              + (f" Plots and text redrawn from results.json by commit {r['replotted_at_commit']} "
                 "(`--replot`: nothing re-measured)." if r.get("replotted_at_commit") else ""), "",

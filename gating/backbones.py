@@ -243,9 +243,8 @@ def _cifar_resnet(spec: ArchSpec, depth: int) -> ResidualBackbone:
     backbone = ResidualBackbone(spec, stem, units, ClassifierHead(stages[2], spec.num_classes), (3, 32, 32))
     if 0 in inner:  # removed units come back at their stage's width
         backbone.uncut_spec = replace(spec, inner_widths=tuple(w or widths[i] for i, w in enumerate(inner)))
-    # BN weights keep their default of 1. Zero-initialising each unit's last BN (every unit starting
-    # as its shortcut) trained this network far more slowly: `skipserve train-backbone`, ResNet-20,
-    # 12 epochs on 20,000 images, 0.7294 validation top-1 with it, 0.7834 without (README).
+    # BN weights keep their default of 1: zero-initialising each unit's last BN (every unit starting as
+    # its shortcut) trains this network more slowly (training/grow.py uses it to insert units instead).
     for m in backbone.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

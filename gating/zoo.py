@@ -33,20 +33,15 @@ class Weights:
 
 
 ZOO: Registry[Weights] = Registry("shipped model")
+RECIPE = "training/recipes/default.yaml"
 ZOO.register("default")(Weights(
-    file="default.safetensors",
-    sha256="573f9d3a65b98d39e962ba3a88eb44c0a662bec0190148a81a42805bc21dbea4",
-    description="CIFAR-10 ResNet-32 cut to 9 of 15 units; a ResNet-8 gate skips one more unit for easy images",
-    recipe="training/recipes/default.yaml", stage="knob",
-    metrics={"top1": 0.9088, "flops": 81997885, "flops_ratio": 0.5954, "distinct_paths": 2},
-))
+    "default.safetensors", "573f9d3a65b98d39e962ba3a88eb44c0a662bec0190148a81a42805bc21dbea4",
+    "CIFAR-10 ResNet-32 cut to 9 of 15 units; a ResNet-8 gate skips one more unit for easy images", RECIPE, "knob",
+    {"top1": 0.9088, "flops": 81997885, "flops_ratio": 0.5954, "distinct_paths": 2}))
 ZOO.register("default-backbone")(Weights(
-    file="default-backbone.safetensors",
-    sha256="2be666419f9d5dd2795acd3e19b5c9badd6b3d5384af7cbbbe60716f96fe02dc",
-    description="CIFAR-10 ResNet-32 (15 units), every unit run: the backbone `default` is cut from",
-    recipe="training/recipes/default.yaml", stage="swa",
-    metrics={"top1": 0.913, "flops": 137725184, "flops_ratio": 1.0, "distinct_paths": 1},
-))
+    "default-backbone.safetensors", "2be666419f9d5dd2795acd3e19b5c9badd6b3d5384af7cbbbe60716f96fe02dc",
+    "CIFAR-10 ResNet-32 (15 units), every unit run: the backbone `default` is cut from", RECIPE, "swa",
+    {"top1": 0.913, "flops": 137725184, "flops_ratio": 1.0, "distinct_paths": 1}))
 
 
 def sha256_of(path: os.PathLike | str) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -57,18 +58,26 @@ def _writable_out(path: str) -> None:
         raise ValueError(f"--out {path}: is a directory; name the file to write")
 
 
-def _bench_engine(args: argparse.Namespace) -> int:
-    from benchmarks.engine import EngineBenchConfig, run
-
-    cfg = EngineBenchConfig(arch=args.arch, threads=args.threads, channels_last=not args.default_layout,
-                            heap_allocator=not args.default_malloc)
-    if args.quick:
-        cfg.repeats_b1, cfg.repeats_large, cfg.draws = 10, 3, 2
-    result = run(cfg)
+def _bench(args: argparse.Namespace, run, cfg, quick: dict, table) -> int:
+    """Run a benchmark: ``cfg`` with ``quick``'s fields under --quick, then one JSON object or ``table``."""
+    result = run(dataclasses.replace(cfg, **quick) if args.quick else cfg)
     if args.json:
         print(_json(result))
     else:
-        print(f"{result['arch']} ({result['units']} units), {cfg.threads} threads, torch {result['machine']['torch']}")
+        table(result)
+    return 0
+
+
+def _bench_engine(args: argparse.Namespace) -> int:
+    from benchmarks.engine import EngineBenchConfig, run
+
+    quick = {"repeats_b1": 10, "repeats_large": 3, "draws": 2} if args.quick else {}
+    result = run(EngineBenchConfig(arch=args.arch, threads=args.threads, channels_last=not args.default_layout,
+                                   heap_allocator=not args.default_malloc, **quick))
+    if args.json:
+        print(_json(result))
+    else:
+        print(f"{result['arch']} ({result['units']} units), {args.threads} threads, torch {result['machine']['torch']}")
         print(f"{'batch':>5} {'skip':>5} {'full ms':>9} {'gated ms':>9} {'masked ms':>9} {'speedup':>8} "
               f"{'ideal':>6} {'eff':>5}")
         for r in result["results"]:
@@ -342,18 +351,14 @@ def _bench_serving(args: argparse.Namespace) -> int:
                              concurrency=args.concurrency,
                              max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                              images_per_request=args.images_per_request, direct=args.direct)
-    if args.quick:
-        cfg.phase_s, cfg.rounds, cfg.warmup_s, cfg.images = 3.0, 1, 1.0, 64
-    result = run(cfg)
-    if args.json:
-        print(_json(result))
-    else:
+    def table(result: dict) -> None:
         for level in result["levels"]:
             g, f = level["gated"], level["full"]
             print(f"concurrency {level['concurrency']:>3}: gated {g['throughput_rps']:7.1f} rps "
                   f"p50 {g['p50_ms']:6.1f} p99 {g['p99_ms']:6.1f} ms | full {f['throughput_rps']:7.1f} rps "
                   f"p50 {f['p50_ms']:6.1f} p99 {f['p99_ms']:6.1f} ms | x{level['throughput_ratio']:.2f}")
-    return 0
+
+    return _bench(args, run, cfg, {"phase_s": 3.0, "rounds": 1, "warmup_s": 1.0, "images": 64}, table)
 
 
 def _bench_autopilot(args: argparse.Namespace) -> int:
@@ -362,12 +367,7 @@ def _bench_autopilot(args: argparse.Namespace) -> int:
     cfg = AutopilotBenchConfig(checkpoint=args.checkpoint, data=args.data, slo_p99_ms=args.slo_p99_ms,
                                min_budget=args.min_budget, high_concurrency=args.high_concurrency,
                                images_per_request=args.images_per_request)
-    if args.quick:
-        cfg.low_s, cfg.high_s, cfg.recover_s = 3.0, 6.0, 10.0
-    result = run(cfg)
-    if args.json:
-        print(_json(result))
-    else:
+    def table(result: dict) -> None:
         print(f"SLO p99 {result['slo_ms']:g} ms, baseline budget {result['baseline_budget']}, "
               f"floor {result['min_budget']}")
         for r in result["phases"]:
@@ -375,7 +375,8 @@ def _bench_autopilot(args: argparse.Namespace) -> int:
             print(f"{r['phase']:>10} autopilot={'on ' if r['autopilot'] else 'off'} p99 {r['p99_ms']:7.1f} ms "
                   f"budget {budget} {r['throughput_rps']:6.1f} rps")
         print(f"budget back at baseline {result['budget_recovery_s']} s after the load dropped")
-    return 0
+
+    return _bench(args, run, cfg, {"low_s": 3.0, "high_s": 6.0, "recover_s": 10.0}, table)
 
 
 def _bench_reliability(args: argparse.Namespace) -> int:
@@ -734,7 +735,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return code
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `skipserve progress runs/x | head`: the reader left, which is not an error
+    except BrokenPipeError:  # `skipserve progress out/x | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush does not fail again
         return 0
     except (ValueError, KeyError, FileNotFoundError) as err:  # our errors name what was wrong, and where

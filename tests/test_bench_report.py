@@ -31,3 +31,6 @@ def test_quick_report(gated_checkpoint, image_tar, tmp_path):
     numbers = [float(x) for line in rows for x in re.findall(r"-?\d+\.\d+", line)]
     assert numbers and all(n == n for n in numbers)
     assert results["machine"]["commit"] in md and "--quick" in md
+    from gating.zoo import sha256_of
+
+    assert f"sha256 {sha256_of(gated_checkpoint)[:12]}." in md

@@ -127,6 +127,31 @@ def test_a_stage_killed_mid_run_resumes_from_its_saved_epoch(image_dir, tmp_path
 
 
 @pytest.mark.parametrize("stages, match", [
+    ("a: {kind: backbone, epochs: 1, bogus: 3}", r"\[stages.a\]: unknown key\(s\) \['bogus'\]"),
+    ("a: {kind: backbone, epochs: 1, device: npu0}", r"\[stages.a\]: device must be"),
+    ("a: {kind: backbone, epochs: 1, cutout: -1}", r"\[stages.a\]: cutout is a square's side"),
+    ("a: {kind: backbone, epochs: 1, amp: maybe}", r"\[stages.a\]: amp must be"),
+    ("a: {kind: backbone, arch: resnet33}", r"\[stages.a\]: .*resnet33"),
+    ("a: {kind: backbone, grow: resnet56}", r"\[stages.a\]: grow needs init"),
+    ("a: {kind: backbone}\n  b: {kind: label, model: a, batch_size: 0}", r"\[stages.b\]: batch_size must be >= 1"),
+    ("a: {kind: backbone}\n  b: {kind: gate, model: a, labels: a, gate: transformer}", r"unknown gate 'transformer'"),
+    ("a: {kind: backbone}\n  b: {kind: gate, model: a, labels: a, objective: rewards}", r"unknown gate objective"),
+    ("a: {kind: backbone}\n  b: {kind: gate, model: a, labels: a, gate: mlp, hyper: {depth: 3}}",
+     r"gate hyper \{'depth': 3\} does not fit a mlp gate"),
+    ("a: {kind: backbone}\n  b: {kind: gate, model: a, labels: a, epochs: 0}", r"gate epochs and batch_size must be"),
+    ("a: {kind: backbone}\n  b: {kind: gate, model: a, labels: a, gate: lstm, policy: softmax, flops_target: 0.6}",
+     r"needs an up-front gate"),
+    ("a: {kind: backbone}\n  b: {kind: gate, model: a, labels: a, flops_target: 0.6}", r"name its policy too"),
+    ("a: {kind: backbone}\n  b: {kind: gate, model: a, labels: a, policy: random, knob: 1}", r"unknown policy 'random'"),
+    ("a: {kind: backbone}\n  b: {kind: finetune, model: a, policy: budget, flops_target: 0.6}",
+     r"flops_target sets the knob of the threshold or softmax rule, not of 'budget'"),
+    ("a: {kind: backbone}\n  b: {kind: finetune, model: a, policy: budget, knob: 1.5}", r"budget must be in"),
+    ("a: {kind: backbone}\n  b: {kind: finetune, model: a, policy: threshold, knob: 0, flops_target: 0.6}",
+     r"set knob or flops_target, not both"),
+    ("a: {kind: backbone}\n  b: {kind: finetune, model: a, amp: yes_please}", r"amp must be 'auto', 'on' or 'off'"),
+    ("a: {kind: backbone}\n  b: {kind: finetune, model: a, recalibration_images: 0}", r"recalibration_images must be"),
+    ("a: {kind: backbone}\n  b: {kind: finetune, model: a, cutout: -8}", r"cutout is a square's side"),
+    ("a: {kind: backbone}\n  b: {kind: cut, model: a, keep: 0}", r"keep must be >= 1"),
     ("a: {kind: nope}", r"\[stages.a\]: unknown stage kind 'nope'"),
     ("a: {kind: label, model: later}", r"\[stages.a\]: model 'later' is neither an earlier stage"),
     ("a: {kind: backbone, epochs: 1, lr: fast}", r"\[stages.a\]: lr must be a finite number, got 'fast'"),
@@ -141,6 +166,28 @@ def test_bad_recipes_are_refused_before_any_work(tmp_path, stages, match):
     with pytest.raises(RecipeError, match=match):
         run_pipeline(path, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, match", [("stages: [1\n", "not valid YAML"), ("- a\n- b\n", "a recipe is a mapping"),
+                                         ("rounds: 2\n", r"a recipe is a mapping of .*got \['rounds'\]"),
+                                         ("data: {val_fraction: 0}\nstages: {a: {kind: backbone}}\n",
+                                          r"\[data\]: val_fraction must be in \(0, 1\)")])
+def test_a_recipe_that_is_not_one_is_refused(tmp_path, text, match):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=match):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match="no such recipe"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_missing_data_is_named(tmp_path):
+    from training.data import DataError
+
+    path = tmp_path / "r.yaml"
+    path.write_text(f"data: {{path: {tmp_path / 'no-data'}}}\nstages: {{a: {{kind: backbone, epochs: 1}}}}\n")
+    with pytest.raises(DataError, match="no such file"):
+        run_pipeline(path, tmp_path / "run")
 
 
 def test_ship_and_targets_name_what_the_recipe_makes(tmp_path):

@@ -38,6 +38,7 @@ def test_replot_redraws_from_results_and_refuses_a_directory_without_them(tmp_pa
     results = {
         "machine": {"cpu": "test cpu", "cores": 2, "torch_threads": 2, "torch": "x", "commit": "abc1234"},
         "command": "skipserve bench report --out somewhere", "quick": True,
+        "checkpoint": {"name": "default", "sha256": "0123456789abcdef" * 4},
         "accuracy": {"backbone_top1": 0.9, "val_images": 10, "config": {"gate_epochs": 1},
                      "series": [RANDOM, trained]},
         "engine": {"arch": "resnet8", "results": [
@@ -51,6 +52,7 @@ def test_replot_redraws_from_results_and_refuses_a_directory_without_them(tmp_pa
     assert set(out["plots"]) == {"accuracy", "engine", "profile"} and out["finite"]
     md = (tmp_path / "report.md").read_text()
     assert "commit abc1234" in md and "redrawn from results.json" in md  # measured-by and drawn-by both said
+    assert "`default`, sha256 0123456789ab." in md
     assert "- resnet8 gate, budget: 1 of 2 points" in md  # 0.2 at 50 % FLOPs is below random's 0.3
 
 

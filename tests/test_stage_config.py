@@ -36,8 +36,8 @@ def test_a_recipe_with_a_mistyped_field_is_refused_with_its_section(tmp_path):
     from training.pipeline import RecipeError, load_recipe
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("backbone: {arch: resnet20, epochs: ten}\n")
-    with pytest.raises(RecipeError, match=r"r.yaml \[backbone\]: epochs must be an integer, got 'ten'"):
+    recipe.write_text("stages:\n  s1: {kind: backbone, arch: resnet20, epochs: ten}\n")
+    with pytest.raises(RecipeError, match=r"r.yaml \[stages.s1\]: epochs must be an integer, got 'ten'"):
         load_recipe(recipe)
 
 
@@ -58,11 +58,11 @@ def test_a_run_resumes_only_from_the_same_start_weights(tmp_path):
     old.check_config(cfg, {"init_weights": a})
 
 
-def test_amp_off_as_yaml_reads_it_stays_accepted_and_a_stored_refine_compares_equal(tmp_path):
+def test_amp_off_as_yaml_reads_it_stays_accepted(tmp_path):
     from training.pipeline import load_recipe
 
     assert typed_fields(BackboneConfig, {"amp": False}, "S1") == {"amp": False}  # `amp: off` in YAML 1.1
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("backbone: {arch: resnet20, amp: off}\nrefine: {epochs: 6, lr: 5e-3}\n")
+    recipe.write_text("stages:\n  s1: {kind: backbone, arch: resnet20, amp: off}\n  s5: {kind: finetune, model: s1, lr: 5e-3}\n")
     loaded = load_recipe(recipe)
-    assert loaded.backbone.amp is False and loaded.refine == {"epochs": 6, "lr": 0.005}
+    assert loaded.stages[0].cfg.amp is False and loaded.stages[1].cfg.lr == 0.005

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from torch.optim.swa_utils import AveragedModel
 
 from gating.backbones import ArchSpec, ResidualBackbone, build_backbone
 from gating.checkpoint import ModelCard
@@ -19,7 +17,9 @@ from gating.executor import execute
 from gating.model import GatedModel
 from training.data import CIFAR_MEAN, CIFAR_STD, ImageSet, augment, batches, check_cutout, cutout, load_image_folder, \
     normalize, split_train_val
-from training.run import RunDir, epoch_generator, pick_device, use_bf16, weights_digest
+from training.grow import grow
+from training.loop import BatchResult, Loop, train_epochs
+from training.run import RunDir, pick_device, use_bf16, weights_digest
 
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -51,12 +51,13 @@ class BackboneConfig:
     # bf16 autocast: "auto" = where the hardware has native bf16 (CUDA, AMX/AVX512-BF16 CPUs); "on"/"off",
     # or true/false, which is how YAML reads a bare on/off
     amp: Union[str, bool] = "auto"
-    compile: bool = False  # torch.compile the training forward (~40 s to compile, ~1.3x faster steps on CPU)
+    compile: bool = False  # torch.compile the training forward (compiling takes a while; the steps are faster)
     # torch.compile mode: "reduce-overhead" replays CUDA graphs, which a GPU needs for CIFAR ResNets, whose
-    # steps are bound by kernel launches (ResNet-56, batch 256, H200: 18 ms a step eager, 6.5 ms graphed)
+    # small steps are bound by kernel launches
     compile_mode: Optional[str] = None
     init: Optional[str] = None  # start from this checkpoint's backbone (e.g. a pruned one); arch comes from it
     keep_zeros: bool = False  # with init: weights exactly zero there stay zero (magnitude-pruned retraining)
+    grow: Optional[str] = None  # with init: deepen it to this CIFAR ResNet by identity-initialised units
     teacher: Optional[str] = None  # checkpoint whose backbone, run in full, the model learns to imitate
     distill: float = 0.0  # weight of Hinton distillation from the teacher (0 = plain cross-entropy)
     temperature: float = 4.0  # softens teacher and student logits for distillation
@@ -196,6 +197,10 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
     device = pick_device(cfg.device)
     run = RunDir(run_dir, "backbone")
     init = GatedModel.load(cfg.init).backbone if cfg.init else None
+    if cfg.grow:
+        if init is None:
+            raise ValueError("grow needs init: the checkpoint to deepen")
+        init = grow(init, cfg.grow)
     extended = run.check_config(cfg, {"init_weights": weights_digest(init.state_dict())} if init is not None else None,
                                 continues=continues_schedule)
     finished = run.path / "backbone.safetensors"
@@ -220,18 +225,9 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
     opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                            {"params": no_decay, "weight_decay": 0.0}],
                           lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    # the average of the weights after each epoch from average_from on; BN buffers are re-estimated, not averaged
-    average = torch.optim.swa_utils.AveragedModel(model) if cfg.average_from is not None else None
-    start_epoch = 0
-    state = run.resume()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch = int(state["epoch"])
-        if average is not None and "average" in state:
-            average.load_state_dict(state["average"])
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     use_amp = use_bf16(device, cfg.amp)
+
     # the compiled forward shares `model`'s parameters: state dicts stay those of `model`
     def paths_forward(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         # training only: every unit runs for the whole batch and its output is selected per image
@@ -243,58 +239,41 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
     if cfg.teacher and cfg.distill:
         teacher = GatedModel.load(cfg.teacher).backbone.eval().requires_grad_(False).to(device, memory_format=fmt)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        if epoch in cfg.restarts:
-            opt.state.clear()  # a warm restart starts with fresh momentum
-        model.train()
-        g = epoch_generator(cfg.seed, epoch)
-        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(batches(len(train), cfg.batch_size, g=g), total=steps_per_epoch, unit="batch",
-                   desc=f"S1 {cfg.arch} epoch {epoch + 1}/{cfg.epochs}", leave=False)
-        for step, idx in enumerate(bar):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, epoch * steps_per_epoch + step, steps_per_epoch)
-            x = normalize(augment(train.images[idx], g))
-            if cfg.cutout:
-                x = cutout(x, cfg.cutout, g)
-            x = x.to(device, memory_format=fmt)
-            y = train.labels[idx].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                if cfg.drop_units:  # drawn after the augmentation, from the same generator
-                    logits = forward(x, draw_paths(len(idx), model.num_units, cfg.drop_units, g).to(device))
-                else:
-                    logits = forward(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-                if teacher is not None:
-                    loss = (1 - cfg.distill) * loss + cfg.distill * distillation(logits, teacher, x, cfg.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.bn_l1:
-                bn_l1_subgradient(model, cfg.bn_l1)
-            opt.step()
-            if masks:
-                with torch.no_grad():
-                    for n, p in model.named_parameters():
-                        if n in masks:
-                            p.mul_(masks[n])
-            seen += len(idx)
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y).sum().item()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-        val_top1 = evaluate(model, val, device=device)
-        record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_top1": correct / seen,
-                  "val_top1": val_top1, "lr": opt.param_groups[0]["lr"]}
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1}
-        if average is not None and epoch >= cfg.average_from:
-            average.update_parameters(model)
+    def batch_loss(idx: torch.Tensor, g: torch.Generator) -> BatchResult:
+        x = normalize(augment(train.images[idx], g))
+        if cfg.cutout:
+            x = cutout(x, cfg.cutout, g)
+        x = x.to(device, memory_format=fmt)
+        y = train.labels[idx].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            if cfg.drop_units:  # drawn after the augmentation, from the same generator
+                logits = forward(x, draw_paths(len(idx), model.num_units, cfg.drop_units, g).to(device))
+            else:
+                logits = forward(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            if teacher is not None:
+                loss = (1 - cfg.distill) * loss + cfg.distill * distillation(logits, teacher, x, cfg.temperature)
+        return loss, {"train_top1": (logits.argmax(1) == y).sum()}
+
+    @torch.no_grad()
+    def hold_zeros() -> None:
+        for n, p in model.named_parameters():
+            if n in masks:
+                p.mul_(masks[n])
+
+    def validate(epoch: int, average: Optional[AveragedModel]) -> dict:
+        record = {"val_top1": evaluate(model, val, device=device), "lr": opt.param_groups[0]["lr"]}
+        if average is not None:
             reestimate_bn(average.module, train, images=cfg.average_bn_images, seed=cfg.seed, cutout_size=cfg.cutout)
             record["average_val_top1"] = evaluate(average.module, val, device=device)
-            state["average"] = average.state_dict()
-        record["seconds"] = time.perf_counter() - t0
-        run.end_epoch(state, record)
-        tqdm.write(f"S1 epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} val top-1 {val_top1:.4f}"
-                   + (f", average {record['average_val_top1']:.4f}" if "average_val_top1" in record else "")
-                   + f" ({record['seconds']:.0f}s)", file=sys.stderr)
+        return record
+
+    loop = Loop(name=f"S1 {cfg.arch}", epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+                state_key="model", average_from=cfg.average_from, restarts=cfg.restarts)
+    average = train_epochs(loop, run, model, opt, len(train), batch=batch_loss,
+                           schedule=lambda step: {"lr": lr_at(cfg, step, steps_per_epoch)},
+                           before_step=(lambda: bn_l1_subgradient(model, cfg.bn_l1)) if cfg.bn_l1 else None,
+                           after_step=hold_zeros if masks else None, end_of_epoch=validate)
 
     if average is not None:  # its BN statistics were re-estimated after the last update
         model = average.module

@@ -3,21 +3,20 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from gating.executor import execute
 from gating.model import GatedModel
 from gating.policies import Policy, knob_for_flops, make_policy
 from training.backbone import reestimate_bn
-from training.data import ImageSet, augment, batches, check_cutout, cutout, normalize
-from training.run import RunDir, epoch_generator, pick_device, use_bf16, weights_digest
+from training.data import ImageSet, augment, check_cutout, cutout, normalize
+from training.loop import BatchResult, Loop, train_epochs
+from training.run import RunDir, pick_device, use_bf16, weights_digest
 
 
 @dataclass
@@ -42,7 +41,7 @@ class FinetuneConfig:
     temperature: float = 4.0  # softens teacher and student logits for distillation
     amp: Union[str, bool] = "auto"  # YAML reads on/off as true/false; bf16 autocast, as in S1
     device: str = "auto"  # "auto" = the accelerator when present; the model comes back on the CPU
-    channels_last: bool = True  # as in S1: S5 steps 1.35x faster on the 2-core Xeon (skipserve bench finetune)
+    channels_last: bool = True  # faster convolutions on CPU and GPU, as in S1
     seed: int = 0
 
 
@@ -67,11 +66,16 @@ def train_on_own_paths(model: GatedModel, x: torch.Tensor, y: torch.Tensor, *,
     return (1 - distill) * loss + distill * temperature ** 2 * soft
 
 
-def check_policy(cfg: FinetuneConfig, current: Policy, upfront_gate: bool) -> Optional[Policy]:
+def check_policy(cfg: FinetuneConfig, current: Policy, upfront_gate: bool, *, gated: bool = True) -> Optional[Policy]:
     """Refuse, before any work, a rule and knob that cannot be served: ``current`` is the model's rule,
     which S5 keeps when ``cfg`` names none. Returns the rule when ``cfg`` fixes its knob, None when
-    ``flops_target`` is to set it."""
+    ``flops_target`` is to set it. A model without a gate (``gated`` False: a static cut) trains its one
+    path, every unit it has, under policy full."""
     name = cfg.policy or current.name
+    if not gated:
+        if name != "full" or cfg.flops_target is not None:
+            raise ValueError(f"this model has no gate: it runs every unit it has (policy full), not {name!r}")
+        return make_policy("full")
     if name == "full":
         raise ValueError("S5 trains the backbone on each image's gated path, and policy 'full' runs every unit: "
                          "name the rule to serve (policy and knob, or flops_target)")
@@ -95,7 +99,7 @@ def served_policy(model: GatedModel, data: ImageSet, cfg: FinetuneConfig, *, ima
     """The rule S5 trains for and the model is served with: ``cfg``'s, or the model's own where ``cfg``
     leaves it out. With ``cfg.flops_target``, the knob whose mean FLOPs on ``images`` clean training
     images (a seeded sample, all when there are fewer), gate counted, is that ratio."""
-    fixed = check_policy(cfg, model.policy, model.gate is not None and model.gate.upfront)
+    fixed = check_policy(cfg, model.policy, model.gate is not None and model.gate.upfront, gated=model.gate is not None)
     if fixed is not None:
         return fixed
     name = cfg.policy or model.policy.name
@@ -119,10 +123,8 @@ def recalibrate_bn(model: GatedModel, data: ImageSet, *, images: int, batch_size
     ``images`` training images (all of them when there are fewer).
 
     The images are augmented as the weights were trained (random crop and flip, plus Cutout of
-    ``cutout_size`` for a backbone S1 trained with it): statistics of clean images do not match the
-    weights. Measured on the validation split: the default model of commit 1409eb5 scored 0.8412
-    recalibrated on clean images, 0.8592 on augmented ones; its S1 backbone (Cutout 16) 0.8352 on
-    clean images, 0.8596 with crop and flip, 0.8778 with Cutout as well (0.8788 with S1's statistics).
+    ``cutout_size`` for a backbone S1 trained with it): statistics of clean images do not match
+    weights trained on augmented ones.
     """
     def own_paths(x: torch.Tensor) -> torch.Tensor:
         keep = model.decide(x)
@@ -139,8 +141,8 @@ def recalibrate_bn(model: GatedModel, data: ImageSet, *, images: int, batch_size
 def serve_new_gate(model: GatedModel, data: ImageSet, cfg: FinetuneConfig, *, cutout_size: int) -> GatedModel:
     """S4's ending, before S5 or serving: the rule and knob of ``cfg`` (see ``served_policy``), then BN
     statistics re-estimated on the new gate's paths, on images augmented as the backbone was last trained
-    (``cutout_size``: that training's Cutout). A new gate sends images down other paths; the default of
-    commit 1409eb5 (round 2's S4 output) went from 0.8492 to 0.8592 by the recalibration alone."""
+    (``cutout_size``: that training's Cutout). A new gate sends images down other paths, whose BN inputs
+    differ from those of the paths the statistics were estimated on."""
     model.policy = served_policy(model, data, cfg)
     recalibrate_bn(model, data, images=cfg.recalibration_images, seed=cfg.seed, cutout_size=cutout_size)
     return model
@@ -172,7 +174,7 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
     """Finetune ``model``'s backbone on its gate's paths. With ``cfg.distill`` > 0 the teacher is
     ``teacher`` (run in full), or else a frozen copy of the backbone as it enters S5."""
     check_config(cfg)
-    check_policy(cfg, model.policy, model.gate is not None and model.gate.upfront)
+    check_policy(cfg, model.policy, model.gate is not None and model.gate.upfront, gated=model.gate is not None)
     device = pick_device(cfg.device)
     run = RunDir(run_dir, "finetune")
     run.check_config(cfg, {"start_weights": weights_digest(model.state_dict())})  # backbone and gate
@@ -187,49 +189,34 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
     if teacher is not None:
         teacher.to(device, memory_format=fmt)
     model.policy = served_policy(model, train, cfg)
-    model.gate.requires_grad_(False)
-    params = list(model.backbone.parameters())
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = max(cfg.epochs * steps_per_epoch, 1)
-    # BN buffers are not averaged: the recalibration at the end re-estimates them for the averaged weights
-    average = torch.optim.swa_utils.AveragedModel(model.backbone) if cfg.average_from is not None else None
-    start = 0
-    state = run.resume()
-    if state is not None:
-        model.backbone.load_state_dict(state["backbone"])
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["epoch"])
-        if average is not None and "average" in state:
-            average.load_state_dict(state["average"])
-    for epoch in range(start, cfg.epochs):
-        g = epoch_generator(cfg.seed, epoch)
-        t0, loss_sum, seen = time.perf_counter(), 0.0, 0
-        for step, idx in enumerate(tqdm(batches(len(train), cfg.batch_size, g=g), total=steps_per_epoch, leave=False,
-                                        unit="batch", desc=f"S5 epoch {epoch + 1}/{cfg.epochs}")):
-            t = (epoch * steps_per_epoch + step) / total
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr if cfg.schedule == "constant" else 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
-            x = normalize(augment(train.images[idx], g))
-            if cfg.cutout:
-                x = cutout(x, cfg.cutout, g)
-            x = x.to(device, memory_format=fmt)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = train_on_own_paths(model, x, train.labels[idx].to(device), teacher=teacher, distill=cfg.distill,
-                                          temperature=cfg.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.item() * len(idx)
-            seen += len(idx)
-        state = {"backbone": model.backbone.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1}
-        if average is not None and epoch >= cfg.average_from:
-            average.update_parameters(model.backbone)
-            state["average"] = average.state_dict()
-        run.end_epoch(state, {"epoch": epoch, "train_loss": loss_sum / seen, "seconds": time.perf_counter() - t0})
-    if average is not None and cfg.epochs > 0:
+    if model.gate is not None:
+        model.gate.requires_grad_(False)
+    opt = torch.optim.SGD(list(model.backbone.parameters()), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, nesterov=True)
+    total = max(cfg.epochs * math.ceil(len(train) / cfg.batch_size), 1)
+
+    def lr_at(step: int) -> dict:  # "cosine": from cfg.lr at the first step to zero after the last
+        if cfg.schedule == "constant":
+            return {"lr": cfg.lr}
+        return {"lr": 0.5 * cfg.lr * (1 + math.cos(math.pi * (step / total)))}
+
+    def batch_loss(idx: torch.Tensor, g: torch.Generator) -> BatchResult:
+        x = normalize(augment(train.images[idx], g))
+        if cfg.cutout:
+            x = cutout(x, cfg.cutout, g)
+        x = x.to(device, memory_format=fmt)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = train_on_own_paths(model, x, train.labels[idx].to(device), teacher=teacher, distill=cfg.distill,
+                                      temperature=cfg.temperature)
+        return loss, {}
+
+    loop = Loop(name="S5", epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, state_key="backbone",
+                average_from=cfg.average_from)
+    average = train_epochs(loop, run, model.backbone, opt, len(train), batch=batch_loss, schedule=lr_at)
+    if average is not None:  # its BN statistics are re-estimated on the gated paths below
         model.backbone.load_state_dict(average.module.state_dict())
     recalibrate_bn(model, train, images=cfg.recalibration_images, seed=cfg.seed, cutout_size=cfg.cutout)
     model.backbone.to(memory_format=torch.contiguous_format)
-    model.gate.requires_grad_(True)
+    if model.gate is not None:
+        model.gate.requires_grad_(True)
     return model.cpu().eval()

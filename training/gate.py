@@ -9,19 +9,19 @@ cost_i is unit i's FLOPs saving relative to the mean unit's, so ``price`` is in 
 """
 from __future__ import annotations
 
-import time
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from gating.backbones import ResidualBackbone
 from gating.gates import Gate, build_gate
 from gating.model import GatedModel
-from training.data import ImageSet, batches, normalize
-from training.run import RunDir, epoch_generator
+from training.data import ImageSet, normalize
+from training.loop import BatchResult, Loop, train_epochs
+from training.run import RunDir
 
 OBJECTIVES = ("reward", "reinforce", "regression")
 
@@ -34,17 +34,14 @@ class GateConfig:
     hyper: dict = field(default_factory=dict)
     # one of OBJECTIVES. "regression" is the default: its scores rank units by predicted importance,
     # which greedy, softmax and budget need; "reward" and "reinforce" learn only which side of the
-    # price a unit falls (saturated sigmoids), which suits the threshold rule alone (see tests).
+    # price a unit falls (saturated sigmoids), which suits the threshold rule alone.
     objective: str = "regression"
     price: float = 0.0  # lambda: the price of one average unit's compute, in loss units
     epochs: int = 10
     batch_size: int = 128
-    lr: float = 2e-3  # Adam
+    lr: float = 2e-3  # Adam's peak learning rate, in a one-cycle schedule
     weight_decay: float = 1e-4
     seed: int = 0
-    # ordered gates only: the per-image term times this after training. Trained on importance alone it
-    # spreads images too far from the common order (runs/aug-labels: 0.5058 before S5 at 1.0, 0.5488 at 0.25)
-    image_scale: float = 1.0
 
 
 def objective_loss(scores: torch.Tensor, imp: torch.Tensor, cost: torch.Tensor, cfg: GateConfig,
@@ -87,12 +84,28 @@ def make_gate(cfg: GateConfig, backbone: ResidualBackbone) -> Gate:
         gate = build_gate(cfg.kind, backbone, **cfg.hyper)
     except TypeError as err:
         raise ValueError(f"gate hyper {cfg.hyper} does not fit a {cfg.kind} gate: {err}") from err
-    if cfg.image_scale != 1 and not gate.ordered:
-        raise ValueError(f"image_scale {cfg.image_scale} scales an ordered gate's per-image term; this {cfg.kind} "
-                         f"gate is not ordered (resnet8 with hyper {{ordered: true}})")
-    if cfg.image_scale < 0:
-        raise ValueError(f"image_scale must be >= 0 (0: every image on one path), got {cfg.image_scale}")
     return gate
+
+
+def one_cycle(step: int, total: int, peak: float, pct_start: float = 0.1) -> dict:
+    """Adam's settings at ``step`` of ``total`` under torch's OneCycleLR (its defaults, computed as it does):
+    the learning rate rises from peak / 25 to ``peak`` over the first ``pct_start`` of the steps, then
+    falls to peak / 25e4 (cosine annealing), while beta1 falls from 0.95 to 0.85 and rises back. A rise
+    of no length (``warm_end`` 0, where OneCycleLR divides by zero) starts at the peak."""
+    start_lr, min_lr = peak / 25.0, peak / 25.0 / 1e4
+    warm_end = float(pct_start * total) - 1  # the step at the peak
+    if 0 < warm_end and step <= warm_end:
+        pct = step / warm_end
+        lr, beta1 = _anneal(start_lr, peak, pct), _anneal(0.95, 0.85, pct)
+    else:
+        pct = (step - warm_end) / (total - 1 - warm_end)
+        lr, beta1 = _anneal(peak, min_lr, pct), _anneal(0.85, 0.95, pct)
+    return {"lr": lr, "betas": (beta1, 0.999)}
+
+
+def _anneal(start: float, end: float, pct: float) -> float:
+    """Cosine from ``start`` to ``end`` as ``pct`` goes from 0 to 1."""
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
 
 
 def train_gate(model: GatedModel, train: ImageSet, imp: torch.Tensor, cfg: GateConfig,
@@ -103,43 +116,25 @@ def train_gate(model: GatedModel, train: ImageSet, imp: torch.Tensor, cfg: GateC
     if imp.shape != (len(train), model.num_units):
         raise ValueError(f"labels are {tuple(imp.shape)}, expected ({len(train)}, {model.num_units})")
     run = RunDir(run_dir, "gate")
-    run.check_config(cfg)
+    run.check_config(cfg, retired={"image_scale": 1.0})  # a recorded image_scale 1.0 is S4 as it is: no scaling
     model.gate = gate
     model.refresh_flops()
     model.backbone.eval().requires_grad_(False)
-    opt = torch.optim.Adam(model.gate.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * ((len(train) + cfg.batch_size - 1) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(steps, 1), pct_start=0.1)
-    start = 0
-    state = run.resume()
-    if state is not None:
-        model.gate.load_state_dict(state["gate"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = int(state["epoch"])
     saving = model.flops.saving().float()
     cost = saving / saving.mean()
-    for epoch in range(start, cfg.epochs):
-        model.gate.train()
-        g = epoch_generator(cfg.seed, epoch)
-        t0, total, seen = time.perf_counter(), 0.0, 0
-        for idx in tqdm(batches(len(train), cfg.batch_size, g=g), desc=f"S4 {cfg.kind} epoch {epoch + 1}/{cfg.epochs}",
-                        unit="batch", leave=False, total=(len(train) + cfg.batch_size - 1) // cfg.batch_size):
-            images = train.images[idx]
-            flip = torch.rand(len(idx), generator=g) < 0.5  # flips keep labels valid; crops would not
-            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-            loss = objective_loss(gate_scores(model, normalize(images)), imp[idx], cost, cfg, g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-        run.end_epoch({"gate": model.gate.state_dict(), "optimizer": opt.state_dict(),
-                       "scheduler": sched.state_dict(), "epoch": epoch + 1},
-                      {"epoch": epoch, "loss": total / seen, "seconds": time.perf_counter() - t0})
-    if cfg.image_scale != 1:  # after the loop: the saved state stays the trained gate, so a rerun scales it once
-        model.gate.scale_image_term(cfg.image_scale)
+
+    def batch_loss(idx: torch.Tensor, g: torch.Generator) -> BatchResult:
+        images = train.images[idx]
+        flip = torch.rand(len(idx), generator=g) < 0.5  # flips keep labels valid; crops would not
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        return objective_loss(gate_scores(model, normalize(images)), imp[idx], cost, cfg, g), {}
+
+    opt = torch.optim.Adam(model.gate.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = max(cfg.epochs * math.ceil(len(train) / cfg.batch_size), 1)
+    loop = Loop(name=f"S4 {cfg.kind}", epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+                state_key="gate", loss_name="loss")
+    train_epochs(loop, run, model.gate, opt, len(train), batch=batch_loss,
+                 schedule=lambda step: one_cycle(step, total, cfg.lr))
     model.gate.eval()
     model.backbone.requires_grad_(True)
     return model

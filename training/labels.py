@@ -102,8 +102,8 @@ def label_dataset(backbone: ResidualBackbone, data: ImageSet, cfg: LabelConfig =
     """(N, n) float32 importance of every unit for every image of ``data`` (no augmentation).
 
     ``decide`` maps a batch to its (B, n) keep mask (a gated model's ``decide``): importance is then
-    measured on each image's own path. Rounds after the first need this: their backbone has been
-    finetuned for gated paths, and its full path (every unit) is a network it no longer is.
+    measured on each image's own path: a backbone finetuned for gated paths is no longer the
+    network its full path (every unit) describes.
     """
     backbone.eval()
     device = next(backbone.parameters()).device

@@ -40,17 +40,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import torch
 import yaml
 
+from gating.backbones import ArchSpec, build_backbone
 from gating.checkpoint import atomic_write_text
 from gating.model import GatedModel
+from gating.policies import POLICIES, Full
 from gating.registry import Registry
-from training.backbone import BackboneConfig, load_split, train_backbone
+from training.backbone import COMPILE_MODES, BackboneConfig, load_split, train_backbone
 from training.config import typed_fields
+from training.data import check_cutout
 from training.evaluate import evaluate_gated
-from training.finetune import FinetuneConfig, check_config as check_finetune, finetune, serve_new_gate
-from training.gate import GateConfig, train_gate
+from training.finetune import FinetuneConfig, check_config as check_finetune, check_policy, finetune, serve_new_gate
+from training.gate import GateConfig, make_gate, train_gate
 from training.labels import LabelConfig, label_dataset, load_labels, save_labels
+from training.run import pick_device, use_bf16
 
 
 class RecipeError(ValueError):
@@ -277,19 +282,55 @@ def _kind_name(kind: Kind) -> str:
 
 def _validate(recipe: Recipe, where: str) -> None:
     """Every field a stage would refuse only after hours of earlier stages, refused now."""
+    if not 0 < recipe.data.val_fraction < 1:
+        raise RecipeError(f"{where} [data]: val_fraction must be in (0, 1): every figure is measured on the "
+                          f"validation split, got {recipe.data.val_fraction}")
+    probe = build_backbone(ArchSpec("resnet20"))  # a throwaway that gate sections are built on
     for stage in recipe.stages:
-        here = f"{where} [stages.{stage.name}]"
         try:
-            if stage.kind == "finetune":
-                check_finetune(stage.cfg)
-            if stage.kind == "margin" and not 0 < stage.cfg.easy < 1:
-                raise ValueError(f"easy must be in (0, 1), got {stage.cfg.easy}")
-            if stage.kind == "cut" and stage.cfg.keep < 1:
-                raise ValueError(f"keep must be >= 1, got {stage.cfg.keep}")
-            if stage.kind == "backbone" and stage.cfg.epochs < 1:
-                raise ValueError(f"epochs must be >= 1, got {stage.cfg.epochs}")
-        except ValueError as err:
-            raise RecipeError(f"{here}: {err}") from None
+            _check_stage(stage, probe)
+        except (ValueError, TypeError) as err:
+            raise RecipeError(f"{where} [stages.{stage.name}]: {err}") from None
+        except KeyError as err:
+            raise RecipeError(f"{where} [stages.{stage.name}]: {err.args[0]}") from None
+
+
+def _check_stage(stage: Stage, probe) -> None:
+    cfg = stage.cfg
+    if stage.kind == "backbone":
+        if cfg.epochs < 1 or cfg.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}")
+        if cfg.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, not {cfg.compile_mode!r}")
+        check_cutout(cfg.cutout)
+        pick_device(cfg.device)
+        use_bf16(torch.device("cpu"), cfg.amp)
+        if "init" not in stage.inputs:
+            build_backbone(ArchSpec(cfg.arch))
+        if cfg.grow:
+            if "init" not in stage.inputs:
+                raise ValueError("grow needs init: the stage or checkpoint to deepen")
+            build_backbone(ArchSpec(cfg.grow))
+    elif stage.kind == "label" and cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    elif stage.kind == "gate":
+        gate = make_gate(GateConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(GateConfig)}), probe)
+        check_cutout(cfg.cutout)
+        if cfg.policy is not None:
+            POLICIES.get(cfg.policy)
+            check_policy(FinetuneConfig(policy=cfg.policy, knob=cfg.knob, flops_target=cfg.flops_target),
+                         Full(), gate.upfront)
+        elif cfg.knob is not None or cfg.flops_target is not None:
+            raise ValueError("knob and flops_target set the rule the gate is served with: name its policy too")
+    elif stage.kind == "cut" and cfg.keep < 1:
+        raise ValueError(f"keep must be >= 1, got {cfg.keep}")
+    elif stage.kind == "margin" and not 0 < cfg.easy < 1:
+        raise ValueError(f"easy must be in (0, 1), got {cfg.easy}")
+    elif stage.kind == "finetune":
+        check_finetune(cfg)
+        if cfg.policy is not None:
+            POLICIES.get(cfg.policy)
+            check_policy(cfg, Full(), True)
 
 
 # ------------------------------------------------------------------ running

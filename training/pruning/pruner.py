@@ -3,22 +3,19 @@
 Where the channels go (``allocation``):
 
 * ``uniform``: each unit loses the same fraction of its inner width (``slimming``: one global
-  ranking), as the papers do. At ratio 0.5 on ResNet-32 that leaves 8/16/32 inner channels and
-  runs only ~1.45x faster on a 2-core AVX-512 Xeon: oneDNN computes convolutions in blocks of
-  16 channels, so a 16 -> 8 convolution costs as much as 16 -> 16 (1.24 vs 1.35 ms at batch 64).
+  ranking), as the papers do. Widths that are not multiples of 16 save FLOPs but little time:
+  oneDNN computes convolutions in blocks of 16 channels, so 16 -> 8 costs about what 16 -> 16 does.
 * ``sensitivity`` (the default of ``skipserve prune``): inner widths are multiples of ``align``
   (16), and an identity unit may keep none, which removes it. Each unit's candidate widths are
   scored by how far pruning that unit alone moves the network's output (KL divergence from the
   unpruned logits on the sample images; Li et al. 2017 allocate by the same per-layer
   sensitivity), and a knapsack over units picks the least total change that meets the FLOPs
-  target. Which channels a unit keeps is still the criterion's choice. Same backbone and
-  ratio: 1.84-2.07x faster at batch 64 for the six channel methods (README, Static pruning).
+  target. Which channels a unit keeps is still the criterion's choice (docs/pruning.md has the
+  speedups).
 
 With ``stages=True``, first every stage's residual stream loses the fraction sqrt(1 - ratio)
-of its channels (``thin_stages``), then the inner channels go until the FLOPs target is met.
-Measured on the 2-core Xeon (default backbone, ratio 0.5, uniform, batch 64, channels-last,
-``gating.runtime`` allocator, median of 5 processes): inner only 1.46x faster, both cuts
-1.41x; so the second cut is an option, not the default.
+of its channels (``thin_stages``), then the inner channels go until the FLOPs target is met. It
+bought no speed over thinning the inner channels alone, so it is an option, not the default.
 """
 from __future__ import annotations
 
