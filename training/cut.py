@@ -65,34 +65,3 @@ def static_cut(model: GatedModel, remove: Sequence[int]) -> GatedModel:
     """A gateless model of ``model``'s backbone without units ``remove``: one path for every image."""
     return GatedModel(remove_units(model.backbone, remove), None, Full(), model.card)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m training.cut``: a gateless static cut keeping the units a gated model skips least."""
-    import argparse
-
-    from training.backbone import load_split
-    from training.run import record_stage
-
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--gated", required=True, help="gated model whose skip rates pick the units to remove")
-    p.add_argument("--backbone", required=True, help="the backbone to cut (same architecture)")
-    p.add_argument("--keep", type=int, required=True, help="units to keep")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    gated, base = GatedModel.load(args.gated), GatedModel.load(args.backbone)
-    from training.backbone import BackboneConfig
-
-    split = base.card.info.get("config", {})  # the S1 split the backbone was trained on
-    train, _ = load_split(BackboneConfig(data=args.data, val_fraction=split.get("val_fraction", 0.1),
-                                         split_seed=split.get("split_seed", 0)))
-    remove = most_skipped(gated, train, gated.num_units - args.keep)
-    model = static_cut(base, remove)
-    record_stage(model, "static cut", args.backbone, removed_units=remove, chosen_by=args.gated)
-    model.save(args.out)
-    print(f"{args.out}: removed units {remove}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,6 +20,8 @@ Stage kinds (``KINDS``):
     margin    ``model``'s gate (trained on labels of a cut) decides only its least important unit
     finetune  S5: the backbone trained on each image's own path, distilled from ``teacher``; epochs 0
               re-estimates BN statistics (and sets a knob) only
+    joint     gate and backbone of ``model`` (an S4 output) trained together through straight-through
+              decisions, distilled from ``teacher``, across a range of FLOPs targets; served by threshold
 
 Run directory (``--run-dir``, ``out/pipeline/<recipe name>`` by default; every file written atomically):
 
@@ -55,6 +57,7 @@ from training.evaluate import evaluate_gated
 from training.finetune import FinetuneConfig, check_config as check_finetune, check_policy, finetune, serve_new_gate
 from training.gate import GateConfig, make_gate, train_gate
 from training.labels import LabelConfig, label_dataset, load_labels, save_labels
+from training.joint import JointConfig, check_config as check_joint, train_joint
 from training.run import pick_device, use_bf16
 
 
@@ -182,12 +185,20 @@ def _finetune(c: Context) -> GatedModel:
     return finetune(model, train, c.cfg, c.dir, teacher=teacher)
 
 
+def _joint(c: Context) -> GatedModel:
+    model = GatedModel.load(c.inputs["model"])
+    teacher = GatedModel.load(c.inputs["teacher"]).backbone if "teacher" in c.inputs else None
+    train, _ = c.splits()
+    return train_joint(model, train, c.cfg, c.dir, teacher=teacher)
+
+
 KINDS.register("backbone")(Kind(BackboneConfig, ("init", "teacher"), "backbone.safetensors", _backbone))
 KINDS.register("label")(Kind(LabelConfig, ("model",), "labels.safetensors", _label))
 KINDS.register("gate")(Kind(GateStageConfig, ("model", "labels"), "model.safetensors", _gate))
 KINDS.register("cut")(Kind(CutConfig, ("model", "backbone"), "model.safetensors", _cut))
 KINDS.register("margin")(Kind(MarginConfig, ("model", "labels"), "model.safetensors", _margin))
 KINDS.register("finetune")(Kind(FinetuneConfig, ("model", "teacher"), "model.safetensors", _finetune))
+KINDS.register("joint")(Kind(JointConfig, ("model", "teacher"), "model.safetensors", _joint))
 # fields a stage may not set: the data section sets them for every stage
 DATA_FIELDS = {"data", "val_fraction", "split_seed", "limit_train"}
 
@@ -331,6 +342,8 @@ def _check_stage(stage: Stage, probe) -> None:
         if cfg.policy is not None:
             POLICIES.get(cfg.policy)
             check_policy(cfg, Full(), True)
+    elif stage.kind == "joint":
+        check_joint(cfg)
 
 
 # ------------------------------------------------------------------ running

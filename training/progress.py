@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 # the stages that keep per-epoch records, by the name RunDir files them under
-EPOCH_STAGES = {"backbone": "S1", "gate": "S4", "finetune": "S5"}
+EPOCH_STAGES = {"backbone": "S1", "gate": "S4", "finetune": "S5", "joint": "joint"}
 # a pipeline stage kind -> the patent's stage it is, where it is one
 KIND_STAGES = {**EPOCH_STAGES, "label": "S3", "cut": "cut", "margin": "margin"}
 TIMING_WINDOW = 5  # seconds per epoch: median of this many last epochs (a paused epoch does not skew it)
