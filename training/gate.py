@@ -116,7 +116,7 @@ def train_gate(model: GatedModel, train: ImageSet, imp: torch.Tensor, cfg: GateC
     if imp.shape != (len(train), model.num_units):
         raise ValueError(f"labels are {tuple(imp.shape)}, expected ({len(train)}, {model.num_units})")
     run = RunDir(run_dir, "gate")
-    run.check_config(cfg, retired={"image_scale": 1.0})  # a recorded image_scale 1.0 is S4 as it is: no scaling
+    run.check_config(cfg)
     model.gate = gate
     model.refresh_flops()
     model.backbone.eval().requires_grad_(False)

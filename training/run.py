@@ -38,25 +38,19 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     def check_config(self, config: Any, inputs: Optional[dict[str, str]] = None,
-                     continues: Optional[Callable[[dict, dict], bool]] = None,
-                     retired: Optional[dict[str, Any]] = None) -> Optional[dict]:
+                     continues: Optional[Callable[[dict, dict], bool]] = None) -> Optional[dict]:
         """Write the stage config, or refuse to resume a run that was started with another one.
 
         ``inputs``: digests of the weights the stage starts from (``weights_digest``), recorded beside the
         config: a file rewritten under the same path (a pruned model under the same ``--out``) is another
         start, and its run is not resumed from the old one's state. ``continues(old, new)``: whether a
         changed config still goes on from the recorded run (S1 extended by another warm-restart cycle);
-        then the recorded config is returned (None otherwise). ``retired``: fields the config no longer
-        has, each with the value the stage now always behaves as; a run recorded with that value resumes,
-        one recorded with another is refused."""
+        then the recorded config is returned (None otherwise)."""
         target = self.path / f"{self.stage}-config.json"
         text = json.dumps({**dataclasses.asdict(config), **(inputs or {})}, indent=2, sort_keys=True)
         continued = None
         if target.exists() and self.state_path.exists():
             old = {**_defaults(config), **json.loads(target.read_text())}  # a field added since: its default
-            for key, value in (retired or {}).items():
-                if key in old and old[key] == value:
-                    del old[key]
             new = json.loads(text)
             for key in inputs or {}:  # a run recorded before its inputs were: nothing to compare with
                 old.setdefault(key, new[key])
