@@ -60,7 +60,7 @@ def point(model, x: torch.Tensor, y: torch.Tensor, policy, *, random_scores: boo
         flops += float(f.sum())
         units += float(keep.sum())
     n = len(x)
-    return {"knob": policy.knob, "top1": correct / n, "flops_ratio": flops / n / model.flops.full,
+    return {"knob": policy.knob, "top1": correct / n, "flops_ratio": flops / n / model.flops.reference,
             "units_executed_mean": units / n}
 
 
@@ -80,7 +80,7 @@ def static_curve(model, train_x: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
         correct = sum((execute(model.backbone, xb, path.expand(len(xb), -1)).argmax(1) == yb).sum().item()
                       for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
         points.append({"knob": k, "top1": correct / len(x),
-                       "flops_ratio": float(model.flops.executed(path[None])[0]) / model.flops.full,
+                       "flops_ratio": float(model.flops.executed(path[None])[0]) / model.flops.reference,
                        "units_executed_mean": float(k)})
     return points
 

@@ -156,6 +156,20 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.epochs < 0 or cfg.batch_size < 1:
         raise ValueError(f"epochs must be >= 0 (0: recalibrate BN only) and batch_size >= 1, "
                          f"got {cfg.epochs} and {cfg.batch_size}")
+    check_path_training(cfg)
+
+
+def frozen_teacher(teacher: Optional[torch.nn.Module], backbone: torch.nn.Module,
+                   distill: float) -> Optional[torch.nn.Module]:
+    """A frozen copy of ``teacher``, or of ``backbone`` as it is now, for distillation (None without it):
+    a copy, since the teacher may be the very module being trained."""
+    if not distill:
+        return None
+    return copy.deepcopy(teacher if teacher is not None else backbone).eval().requires_grad_(False)
+
+
+def check_path_training(cfg) -> None:
+    """The fields S5 and the joint stage share: BN recalibration, schedule, averaging, Cutout, device, amp."""
     if cfg.recalibration_images < 1:
         raise ValueError(f"recalibration_images must be >= 1 (BN statistics come from them), got {cfg.recalibration_images}")
     if cfg.schedule not in ("cosine", "constant"):
@@ -178,10 +192,7 @@ def finetune(model: GatedModel, train: ImageSet, cfg: FinetuneConfig, run_dir: s
     device = pick_device(cfg.device)
     run = RunDir(run_dir, "finetune")
     run.check_config(cfg, {"start_weights": weights_digest(model.state_dict())})  # backbone and gate
-    if cfg.distill:  # a frozen copy: the teacher may be the very module being finetuned
-        teacher = copy.deepcopy(teacher if teacher is not None else model.backbone).eval().requires_grad_(False)
-    else:
-        teacher = None
+    teacher = frozen_teacher(teacher, model.backbone, cfg.distill)
     use_amp = use_bf16(device, cfg.amp)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device)

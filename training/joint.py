@@ -21,7 +21,6 @@ gate's paths with the gate fixed. The joint stage trains both at once, end to en
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +33,9 @@ from gating.gates import ResNet8Gate, build_gate
 from gating.model import GatedModel
 from gating.policies import capped, knob_for_flops, make_policy
 from training.backbone import distillation, reestimate_bn
-from training.data import ImageSet, augment, check_cutout, cutout, normalize
-from training.finetune import FinetuneConfig, _gate_scores, recalibrate_bn, served_policy
+from training.data import ImageSet, augment, cutout, normalize
+from training.finetune import (FinetuneConfig, _gate_scores, check_path_training, frozen_teacher, recalibrate_bn,
+                               served_policy)
 from training.loop import BatchResult, Loop, train_epochs
 from training.run import RunDir, pick_device, use_bf16, weights_digest
 
@@ -119,18 +119,7 @@ def check_config(cfg: JointConfig) -> None:
     if cfg.weight_decay < 0 or cfg.gate_weight_decay < 0 or cfg.momentum < 0:
         raise ValueError(f"weight_decay, gate_weight_decay and momentum must be >= 0, got {cfg.weight_decay}, "
                          f"{cfg.gate_weight_decay} and {cfg.momentum}")
-    if cfg.recalibration_images < 1:
-        raise ValueError(f"recalibration_images must be >= 1 (BN statistics come from them), "
-                         f"got {cfg.recalibration_images}")
-    if cfg.schedule not in ("cosine", "constant"):
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
-    if cfg.average_from is not None and (isinstance(cfg.average_from, bool) or not isinstance(cfg.average_from, int)
-                                         or not 0 <= cfg.average_from < cfg.epochs):
-        raise ValueError(f"average_from must be an epoch in [0, {cfg.epochs}) (or None: no averaging), "
-                         f"got {cfg.average_from!r}")
-    check_cutout(cfg.cutout)
-    pick_device(cfg.device)
-    use_bf16(torch.device("cpu"), cfg.amp)  # refuses an unknown amp setting
+    check_path_training(cfg)
 
 
 def check_model(model: GatedModel, cfg: JointConfig) -> None:
@@ -298,10 +287,7 @@ def train_joint(model: GatedModel, train: ImageSet, cfg: JointConfig, run_dir: s
     device = pick_device(cfg.device)
     run = RunDir(run_dir, "joint")
     run.check_config(cfg, {"start_weights": weights_digest(model.state_dict())})  # backbone and gate
-    if cfg.distill:  # a frozen copy: the teacher may be the very module being trained
-        teacher = copy.deepcopy(teacher if teacher is not None else model.backbone).eval().requires_grad_(False)
-    else:
-        teacher = None
+    teacher = frozen_teacher(teacher, model.backbone, cfg.distill)
     start_gate(model, train, cfg)  # a resumed run's saved weights replace it
     use_amp = use_bf16(device, cfg.amp)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
