@@ -34,8 +34,8 @@ def remove_units(backbone: ResidualBackbone, remove: Sequence[int]) -> ResidualB
         raise ValueError(f"units {shaping} change the tensor's shape (they down-sample); only identity units can be removed")
     spec = backbone.spec
     positions = unit_positions(spec, n)
-    full = build_backbone(replace(spec, inner_widths=None))  # the uncut layout, for the default widths
-    inner = list(spec.inner_widths or [u.conv1.out_channels for u in full.units])
+    # no inner widths recorded: nothing removed yet, so every unit is built and carries its own width
+    inner = list(spec.inner_widths or [u.conv1.out_channels for u in backbone.units])
     for i in remove:
         inner[positions[i]] = 0
     cut = build_backbone(replace(spec, inner_widths=tuple(inner)))
