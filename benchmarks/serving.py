@@ -1,11 +1,14 @@
-"""``skipserve bench serving``: closed-loop HTTP load against the gated deployment vs policy full.
+"""``skipserve bench serving``: closed-loop HTTP load against the gated deployment vs policy full,
+and against the plain server a user would otherwise write.
 
 One server is started (``skipserve serve`` in a child process, real Ray Serve) and both sides
 are measured against it with the same batching: the gated side sends plain requests (the
 model's own policy and knob), the full side the same requests with ``policy=full``. Phases
 alternate (gated, full, gated, full, ...) so that machine drift hits both alike; each side's
 figures pool its phases. Every client keeps one request in flight (closed loop), so the
-offered load is the concurrency.
+offered load is the concurrency. With one image per request, a plain single-process FastAPI server
+of the same checkpoint (``benchmarks.plain_server``: no Ray, no batching, a replica's torch threads)
+is measured first, under the same load: the ``plain`` side.
 """
 from __future__ import annotations
 
@@ -45,9 +48,12 @@ def request_images(cfg: ServingBenchConfig) -> list[bytes]:
 
 
 async def closed_loop(url: str, images: list[bytes], concurrency: int, seconds: float,
-                      params: dict, caps: bool = False, content_type: str = "image/jpeg") -> dict:
+                      params: dict, caps: bool = False, content_type: str = "image/jpeg",
+                      retry_after: bool = False) -> dict:
     """``concurrency`` clients, each one request in flight, for ``seconds``; with ``caps``, also
-    the compute cap of every answer as (seconds into the run, cap or None)."""
+    the compute cap of every answer as (seconds into the run, cap or None). With ``retry_after`` a
+    client answered 503 waits as its Retry-After header asks (a well-behaved client), else it
+    sends its next request at once."""
     import json
 
     import aiohttp
@@ -75,6 +81,9 @@ async def closed_loop(url: str, images: list[bytes], concurrency: int, seconds: 
                             served.append((now - start, served_cap(json.loads(body))))
                     else:
                         errors += 1
+                        wait = r.headers.get("Retry-After", "") if retry_after and r.status == 503 else ""
+                        if wait.isdigit():
+                            await asyncio.sleep(min(float(wait), max(0.0, stop_at - time.perf_counter())))
             except aiohttp.ClientError:
                 errors += 1
             i += concurrency
@@ -123,8 +132,23 @@ def summarise(phases: list[dict]) -> dict:
             "phase_rps": [round(len(p["latencies"]) / p["seconds"], 2) for p in phases]}
 
 
+def plain_server(checkpoint, threads: int, log: str):
+    """The plain single-process FastAPI server (``benchmarks.plain_server``) as a child process."""
+    import sys
+
+    from serving.process import ServerProcess
+
+    server = ServerProcess(checkpoint, log=log)
+    server.cmd = [sys.executable, "-m", "benchmarks.plain_server", "--checkpoint", str(checkpoint),
+                  "--port", str(server.port), "--threads", str(threads)]
+    return server
+
+
 def run(cfg: ServingBenchConfig) -> dict:
+    import os
+
     from gating.zoo import resolve_checkpoint
+    from serving.launch import replica_cpus, replica_threads
     from serving.settings import model_name_for
     from serving.process import ServerProcess
 
@@ -133,6 +157,14 @@ def run(cfg: ServingBenchConfig) -> dict:
     log = cfg.log or tempfile.mktemp(prefix="skipserve-bench-serving-", suffix=".log")
     args = ["--max-batch-size", str(cfg.max_batch_size), "--batch-wait-ms", str(cfg.batch_wait_ms),
             "--replicas", str(cfg.replicas)]
+    plain: dict[int, dict] = {}
+    if cfg.images_per_request == 1:  # the plain server's side first, on a machine with nothing else running
+        with plain_server(path, replica_threads(replica_cpus(os.cpu_count() or 1, cfg.replicas)), log + ".plain") as server:
+            url = server.url + "/v1/predict"
+            for c in cfg.concurrency:
+                asyncio.run(closed_loop(url, images, c, cfg.warmup_s, {}))
+                plain[c] = summarise([asyncio.run(closed_loop(url, images, c, cfg.phase_s, {}))
+                                      for _ in range(cfg.rounds)])
     levels = []
     with ServerProcess(path, *args, log=log, direct=cfg.direct) as server:
         base = server.direct_url if cfg.direct else server.url
@@ -154,11 +186,15 @@ def run(cfg: ServingBenchConfig) -> dict:
                     phases[side].append(asyncio.run(closed_loop(url, bodies, c, cfg.phase_s, params[side],
                                                                 content_type=ctype)))
             level = {side: summarise(p) for side, p in phases.items()}
+            level["plain"] = plain.get(c)
+            if level["plain"] and level["plain"]["throughput_rps"]:
+                level["gated_vs_plain"] = level["gated"]["throughput_rps"] / level["plain"]["throughput_rps"]
             level["concurrency"] = c
             full_rps = level["full"]["throughput_rps"]  # 0 when every request failed: no ratio (NaN, null in JSON)
             level["throughput_ratio"] = level["gated"]["throughput_rps"] / full_rps if full_rps else float("nan")
             levels.append(level)
     head = levels[-1]
     return {"benchmark": "serving", "checkpoint": cfg.checkpoint, "gated": head["gated"], "full": head["full"],
+            "plain": head["plain"], "gated_vs_plain": head.get("gated_vs_plain"),
             "throughput_ratio": head["throughput_ratio"], "concurrency": head["concurrency"], "levels": levels,
             "config": asdict(cfg), "server_log": str(log), "machine": machine_info()}

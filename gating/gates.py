@@ -30,8 +30,15 @@ class Gate(nn.Module):
         raise NotImplementedError
 
     # upfront gates
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, n)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, n), as the rule sees them
+        return self.rule_scores(self.score_all(x))
+
+    def score_all(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, n), every unit's own score
         raise NotImplementedError
+
+    def rule_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores as the decision rule sees them: +inf for any unit it does not decide (always run)."""
+        return scores
 
     # inline gates
     def begin(self, batch: int, device: torch.device) -> Any:
@@ -55,8 +62,9 @@ class Gate(nn.Module):
 class ResNet8Gate(Gate):
     """A ResNet-8 on the image, down-sampled to ``resolution`` and by a stride-2 stem.
 
-    ``units``: the units it decides (indices into the backbone's units); every other unit always runs,
-    scored +inf. None: it scores every unit.
+    ``units``: the units its rule decides (indices into the backbone's units); every other unit always
+    runs under a rule, scored +inf by ``forward``, yet keeps its real score in ``score_all``, by which a
+    FLOPs cap ranks it. None: the rule decides every unit.
     """
 
     kind, upfront = "resnet8", True
@@ -72,33 +80,34 @@ class ResNet8Gate(Gate):
         w1, w2, w3 = self.widths
         self.stem = nn.Sequential(conv3x3(3, w1, stride=2), nn.BatchNorm2d(w1), nn.ReLU(inplace=True))
         self.blocks = nn.Sequential(CifarBasicBlock(w1, w1), CifarBasicBlock(w1, w2, 2), CifarBasicBlock(w2, w3, 2))
-        self.fc = nn.Linear(w3, num_units if self.units is None else len(self.units))
+        self.fc = nn.Linear(w3, num_units)
 
     def config(self) -> dict:
         cfg = {"kind": self.kind, "widths": list(self.widths), "resolution": self.resolution}
         return cfg if self.units is None else cfg | {"units": list(self.units)}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def score_all(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, n) every unit's score, decided by the rule or not."""
         if x.shape[-1] > self.resolution or x.shape[-2] > self.resolution:
             x = F.adaptive_avg_pool2d(x, self.resolution)
         x = self.blocks(self.stem(x))  # (B, w3, r/8, r/8)
-        scores = self.fc(x.mean((2, 3)))  # (B, n), or (B, len(units))
+        return self.fc(x.mean((2, 3)))  # (B, n)
+
+    def rule_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """``score_all``'s (B, n) as the rule sees them: +inf for the units it does not decide."""
         if self.units is None:
             return scores
-        full = scores.new_full((scores.shape[0], self.num_units), float("inf"))  # (B, n): the rest always run
-        full[:, list(self.units)] = scores
-        return full
+        undecided = torch.ones(self.num_units, dtype=torch.bool, device=scores.device)
+        undecided[list(self.units)] = False
+        return scores.masked_fill(undecided, float("inf"))
 
     @torch.no_grad()
     def restricted_to(self, units: Sequence[int]) -> "ResNet8Gate":
-        """A copy that decides only ``units`` (a gate of every unit), its output rows for them kept."""
+        """A copy whose rule decides only ``units`` (of a gate deciding every unit), the same weights."""
         if self.units is not None:
             raise ValueError(f"this gate already decides only units {list(self.units)}")
         gate = ResNet8Gate(self.num_units, self.widths, self.resolution, units=units)
-        state = {k: v for k, v in self.state_dict().items() if not k.startswith("fc.")}
-        rows = list(gate.units)
-        state["fc.weight"], state["fc.bias"] = self.fc.weight[rows].clone(), self.fc.bias[rows].clone()
-        gate.load_state_dict(state)
+        gate.load_state_dict(self.state_dict())
         return gate.train(self.training)
 
 

@@ -90,8 +90,9 @@ class GatedModel(nn.Module):
         if self.gate is None:
             raise ValueError(f"policy {policy.name!r} needs a gate, and this model has none")
         if self.gate.upfront:
-            scores = self.gate(x)
-            keep = policy.decide(scores, self.flops)
+            real = self.gate.score_all(x)  # (B, n)
+            scores = self.gate.rule_scores(real)
+            keep = policy.decide(scores, self.flops, real)
             return self._output(execute(self.backbone, x, keep, execution), keep, scores, passes=1)
         if policy.online:
             return self._inline_pass(x, policy, execution)
@@ -113,7 +114,8 @@ class GatedModel(nn.Module):
             if not policy.needs_scores:
                 return torch.ones(x.shape[0], self.num_units, dtype=torch.bool)
             if self.gate is not None and self.gate.upfront:
-                return policy.decide(self.gate(x), self.flops)
+                real = self.gate.score_all(x)
+                return policy.decide(self.gate.rule_scores(real), self.flops, real)
             return self.forward(x, policy).keep
 
     def _inline_pass(self, x: torch.Tensor, policy: Policy, execution: Execution) -> GatedOutput:

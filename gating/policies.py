@@ -29,7 +29,10 @@ class Policy:
     def __init__(self, knob: Optional[float] = None):
         self.knob = knob
 
-    def decide(self, scores: torch.Tensor, flops: FlopsProfile) -> torch.Tensor:
+    def decide(self, scores: torch.Tensor, flops: FlopsProfile, rank: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, n) scores, +inf for units the rule must keep -> (B, n) bool keep. ``rank``: every unit's
+        own score (the gate's ``score_all``), by which a FLOPs cap orders the units it cuts, those the
+        rule keeps included; None = ``scores``."""
         raise NotImplementedError
 
     def decide_unit(self, score: torch.Tensor) -> torch.Tensor:  # (B,) -> (B,) bool
@@ -48,8 +51,7 @@ class Policy:
 
 
 def ascending(scores: torch.Tensor) -> torch.Tensor:
-    """(B, n) unit indices by ascending score, ties in unit order: greedy and budget skip prefixes of
-    this one ordering, so a rule under a cap (``Capped``) skips the longer of its two prefixes."""
+    """(B, n) unit indices by ascending score, ties in unit order: greedy and budget skip prefixes of it."""
     return scores.argsort(dim=1, stable=True)
 
 
@@ -62,7 +64,7 @@ class Full(Policy):
             raise ValueError("policy 'full' takes no knob")
         super().__init__(None)
 
-    def decide(self, scores, flops):
+    def decide(self, scores, flops, rank=None):
         return torch.ones(scores.shape, dtype=torch.bool)
 
     def decide_unit(self, score):
@@ -80,7 +82,7 @@ class Greedy(Policy):
             raise ValueError(f"greedy needs an integer k >= 0 units to skip, got {knob!r}")
         super().__init__(int(knob))
 
-    def decide(self, scores, flops):
+    def decide(self, scores, flops, rank=None):
         b, n = scores.shape
         if self.knob > n:
             raise ValueError(f"greedy k={self.knob} exceeds the model's {n} units")
@@ -100,7 +102,7 @@ class Threshold(Policy):
             raise ValueError(f"threshold needs a finite alpha, got {knob!r}")
         super().__init__(float(knob))
 
-    def decide(self, scores, flops):
+    def decide(self, scores, flops, rank=None):
         return self.decide_unit(scores)
 
     def decide_unit(self, score):
@@ -119,7 +121,7 @@ class Softmax(Policy):
             raise ValueError(f"softmax needs alpha in [0, 1], got {knob!r}")
         super().__init__(float(knob))
 
-    def decide(self, scores, flops):
+    def decide(self, scores, flops, rank=None):
         return torch.softmax(-scores.detach().cpu().double(), dim=1) <= self.knob
 
 
@@ -138,8 +140,8 @@ class Budget(Policy):
     def cap(self) -> float:
         return self.knob
 
-    def decide(self, scores, flops):
-        scores = scores.detach().cpu()
+    def decide(self, scores, flops, rank=None):
+        scores = (scores if rank is None else rank).detach().cpu()
         need = flops.full - self.knob * flops.reference  # FLOPs each image must save
         order = ascending(scores)  # least important first
         saving = flops.saving()[order]  # (B, n) in that order
@@ -152,9 +154,9 @@ class Budget(Policy):
 class Capped(Policy):
     """A rule under a compute cap: the rule's decisions, then the budget rule's on top.
 
-    Both skip a prefix of the units in ascending score order, so together they skip the longer
-    prefix: the rule's path, trimmed of its lowest-scored units until it fits ``cap * full``. A cap
-    of 1 is the rule alone. Not a registered rule: the SLO autopilot serves a model's own rule this
+    The rule's path, trimmed of its lowest-ranked units until it fits ``cap * full`` (ranked by the
+    gate's own scores, units the rule always keeps included). A cap of 1 is the rule alone.
+    Not a registered rule: the SLO autopilot serves a model's own rule this
     way and lowers only the cap under load.
     """
 
@@ -171,8 +173,13 @@ class Capped(Policy):
     def cap(self) -> float:
         return self.budget.knob
 
-    def decide(self, scores, flops):
-        return self.rule.decide(scores, flops) & self.budget.decide(scores, flops)
+    def decide(self, scores, flops, rank=None):
+        keep = self.rule.decide(scores, flops)
+        if self.cap >= 1.0:  # no image is over the whole backbone
+            return keep
+        rank = (scores if rank is None else rank).detach().cpu()
+        first = rank.masked_fill(~keep, float("-inf"))  # the rule's skips lead, their savings counted
+        return keep & self.budget.decide(scores, flops, first)
 
     def to_dict(self) -> dict:
         return {**self.rule.to_dict(), "cap": self.cap}

@@ -31,6 +31,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gating.policies import POLICIES
+from gating.capcurve import CapCurve
 from serving.autopilot import Autopilot
 from serving.images import RequestError, declared_size, decode_image_bytes
 from serving.model_process import ModelProcessError
@@ -198,6 +199,8 @@ class GatedModelServer:
         self._reading = 0  # images expected in the requests whose bodies are still being read
         self._images_per_v2_request = 1.0  # running mean: what a v2 request still being read counts as
         self.autopilot: Optional[Autopilot] = None
+        self._curve = self._cap_curve()
+        self._busy_mark = (time.perf_counter(), 0.0)  # (wall, engine.compute_s) at the last autopilot step
         served = {name for name in ("policy", "knob") if getattr(self.settings, name) is not None}
         self._apply(self.settings, served, "application args")
         self.autopilot = self._make_autopilot()  # its baseline: the rule the args chose
@@ -242,9 +245,29 @@ class GatedModelServer:
             return None
         if self.engine.model.gate is None:
             raise ValueError("the SLO autopilot adjusts the compute budget, which needs a gated model")
-        pilot = Autopilot.for_rule(self.engine.default_policy, self.settings.slo_p99_ms, self.settings.min_budget)
+        curve = self._cap_curve()
+        if curve is None:
+            logger.warning("skipserve: %s has no cap curve in its card; the autopilot will not lower its cap "
+                           "(nothing says what accuracy that costs) and holds the SLO by admission alone", self.name)
+        pilot = Autopilot.for_rule(self.engine.default_policy, self.settings.slo_p99_ms, self.settings.min_budget,
+                                   curve=curve, max_accuracy_drop_pp=self.settings.max_accuracy_drop,
+                                   max_admit=self.settings.max_queued_images)
         self.engine.default_policy = pilot.policy
         return pilot
+
+    def _cap_curve(self) -> Optional[CapCurve]:
+        try:
+            return CapCurve.of_card(self.engine.model.card.info)
+        except ValueError as err:
+            logger.warning("skipserve: %s: ignoring its card's cap curve: %s", self.name, err)
+            return None
+
+    def _expected_top1(self, rule) -> Optional[float]:
+        """Validation top-1 of what ``rule`` serves, from the cap curve: known for the served rule."""
+        curve = self._curve
+        if curve is None or rule.key != self.engine.default_policy.key:
+            return None
+        return curve.top1 if rule.cap is None else curve.top1_at(rule.cap)
 
     def _control_loop(self) -> None:
         """Every period: one autopilot decision (when on), and the gauges exported again."""
@@ -253,7 +276,7 @@ class GatedModelServer:
             time.sleep(period)
             pilot = self.autopilot  # reconfigure() may replace it meanwhile
             if pilot is not None:
-                pilot.step(self._queued)
+                pilot.step(self._queued, self._model_busy_share())
                 served = pilot.policy
                 if served.key != self.engine.default_policy.key:
                     self.engine.default_policy = served
@@ -268,6 +291,9 @@ class GatedModelServer:
         # missing from Ray's metrics export
         cap = self.engine.default_policy.cap
         self.metrics.budget.set(math.nan if cap is None else cap)
+        expected = self._expected_top1(self.engine.default_policy)
+        self.metrics.expected_top1.set(math.nan if expected is None else expected)
+        self.metrics.admit_limit.set(self.autopilot.admit_limit if self.autopilot else self.settings.max_queued_images)
         self.metrics.units.set(self.engine.num_units)
 
     # ------------------------------------------------------------------ inference
@@ -278,6 +304,14 @@ class GatedModelServer:
     async def _infer(self, requests: list) -> list:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._run_batch, requests)
+
+    def _model_busy_share(self) -> float:
+        """The share of wall time since the last call that the model spent computing batches (its own
+        time, in its process: not the hand-off, nor the queue)."""
+        now, compute = time.perf_counter(), self.engine.compute_s
+        wall0, compute0 = self._busy_mark
+        self._busy_mark = (now, compute)
+        return min(1.0, (compute - compute0) / max(now - wall0, 1e-9))
 
     def _run_batch(self, requests: list) -> list:
         results = self.engine.run(requests)
@@ -291,7 +325,7 @@ class GatedModelServer:
         from serving.engine import Request, Result
 
         n = images.shape[0]
-        self._admit(n)
+        self._admit(n, shed=False)
         self._queued += n
         try:
             step = self.settings.max_batch_size
@@ -299,16 +333,38 @@ class GatedModelServer:
                                            for i in range(0, n, step)))
         finally:
             self._queued -= n
+        if self.autopilot is not None:
+            self.autopilot.served(n)
         return Result(*(torch.cat([getattr(p, f) for p in parts]) for f in
                         ("probabilities", "units_executed", "keep", "flops")))
 
-    def _admit(self, n: int = 1) -> None:
+    def _admit(self, n: int = 1, *, shed: bool = True) -> None:
         """503 when ``n`` more images would overflow this replica's queue, counting those expected
-        in the requests still being read."""
-        if self._queued + self._reading + n > self.settings.max_queued_images:
+        in the requests still being read; with ``shed``, also beyond the autopilot's admission limit
+        (checked before a body is read: a request admitted then is not shed after its work began)."""
+        in_flight = self._queued + self._reading
+        if in_flight + n > self.settings.max_queued_images:
             raise RequestError(f"overloaded: {self._queued} images queued and about {self._reading} in "
                                f"requests being read in this replica (limit {self.settings.max_queued_images}); "
                                f"retry later", status=503)
+        pilot = self.autopilot
+        if shed and pilot is not None and in_flight and in_flight + n > pilot.admit_limit:
+            raise RequestError(f"shedding load to hold the p99 SLO of {pilot.cfg.slo_p99_ms:g} ms: {in_flight} images "
+                               f"in flight, {pilot.admit_limit} admitted at a time now; retry later", status=503)
+
+    async def _slot(self, n: int) -> None:
+        """While the autopilot's admission would shed ``n`` more images, wait (nothing read yet) up to
+        its ``admit_wait`` x the SLO for a request in flight to finish: a slot usually frees within
+        that, and a client shed must wait a whole Retry-After second. Then admission decides."""
+        pilot = self.autopilot
+        if pilot is None:
+            return
+        deadline = time.perf_counter() + pilot.cfg.admit_wait * pilot.cfg.slo_p99_ms / 1e3
+        while True:
+            in_flight = self._queued + self._reading
+            if not in_flight or in_flight + n <= pilot.admit_limit or time.perf_counter() >= deadline:
+                return
+            await asyncio.sleep(0.005)
 
     @contextmanager
     def _reading_body(self, expected: int = 1) -> Iterator[None]:
@@ -363,6 +419,7 @@ class GatedModelServer:
                       alpha: Optional[float] = Query(None, description="the rule's knob")) -> JSONResponse:
         async def handle(t0: float) -> JSONResponse:
             rule = self.engine.policy_for(budget=budget, policy=policy and policy.value, alpha=alpha)
+            await self._slot(1)
             with self._reading_body():
                 body = await read_body(request, self.settings.limits.max_body_bytes)
                 data = await image_from_request(request, body)
@@ -381,6 +438,7 @@ class GatedModelServer:
                 "units_total": self.engine.num_units,
                 "flops_ratio": float(out.flops[0]) / self.engine.full_flops,
                 "policy": rule.to_dict(),
+                "expected_top1": self._expected_top1(rule),
                 "latency_ms": (time.perf_counter() - t0) * 1000,
                 "model": self.name,
             })
@@ -428,7 +486,9 @@ class GatedModelServer:
     async def v2_infer(self, name: str, request: HTTPRequest) -> JSONResponse:
         async def handle(t0: float) -> JSONResponse:
             self._check_model(name)
-            with self._reading_body(max(1, round(self._images_per_v2_request))):
+            expected = max(1, round(self._images_per_v2_request))
+            await self._slot(expected)
+            with self._reading_body(expected):
                 body = await read_body(request, self.settings.limits.max_body_bytes)
                 try:
                     payload = json.loads(body)
@@ -454,6 +514,9 @@ class GatedModelServer:
                         "outputs": [tensors[o] for o in wanted],
                         "parameters": {"flops_ratio": float(out.flops.mean()) / self.engine.full_flops,
                                        "policy": json.dumps(rule.to_dict())}}
+            expected = self._expected_top1(rule)
+            if expected is not None:  # v2 parameters are scalars: absent when unknown
+                response["parameters"]["expected_top1"] = expected
             if parsed.request_id is not None:
                 response["id"] = parsed.request_id
             return JSONResponse(response)

@@ -8,6 +8,7 @@ executed units.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -48,6 +49,8 @@ class Engine:
         self.mean, self.std = tuple(card.mean), tuple(card.std)
         self.default_policy: Policy = self.model.policy
         self.full_flops = float(self.model.flops.reference)  # the uncut backbone
+        self.compute_s = 0.0  # seconds spent running batches, all told: the model's busy time
+        self.clock = time.perf_counter  # what compute_s is counted in (the model process: its CPU time)
 
     @property
     def num_units(self) -> int:
@@ -78,8 +81,15 @@ class Engine:
         """uint8 (N, 3, H, W) at the model's size -> normalised float input."""
         return normalize(pixels, self.mean, self.std)
 
-    @torch.inference_mode()
     def run(self, requests: Sequence[Request]) -> list[Result]:
+        t0 = self.clock()
+        try:
+            return self._run(requests)
+        finally:
+            self.compute_s += self.clock() - t0
+
+    @torch.inference_mode()
+    def _run(self, requests: Sequence[Request]) -> list[Result]:
         results: list[Optional[Result]] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):

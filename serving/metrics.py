@@ -20,11 +20,14 @@ NAMES = {
     "skipserve_request_latency_seconds": "request latency inside the replica, body read to response",
     "skipserve_batch_size": "images per executed batch",
     "skipserve_budget": "compute budget the replica serves with now (fraction of backbone FLOPs)",
+    "skipserve_expected_top1": "validation top-1 of what is served now, from the checkpoint's cap curve (NaN: unknown)",
+    "skipserve_admit_limit": "images in flight the replica admits now; requests beyond it are shed with 503",
     "skipserve_units": "residual units in the served backbone (a unit no image ran has no executed series)",
 }
 
 KINDS = {"skipserve_request_latency_seconds": "histogram", "skipserve_batch_size": "histogram",
-         "skipserve_budget": "gauge", "skipserve_units": "gauge"}  # the rest are counters
+         "skipserve_budget": "gauge", "skipserve_units": "gauge", "skipserve_expected_top1": "gauge",
+         "skipserve_admit_limit": "gauge"}  # the rest are counters
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 
 
@@ -57,8 +60,11 @@ class ServeMetrics:
                                             boundaries=BATCH_BOUNDS, tag_keys=("model",))
         self.budget = metrics.Gauge("skipserve_budget", NAMES["skipserve_budget"], tag_keys=("model",))
         self.units = metrics.Gauge("skipserve_units", NAMES["skipserve_units"], tag_keys=("model",))
+        self.expected_top1 = metrics.Gauge("skipserve_expected_top1", NAMES["skipserve_expected_top1"],
+                                           tag_keys=("model",))
+        self.admit_limit = metrics.Gauge("skipserve_admit_limit", NAMES["skipserve_admit_limit"], tag_keys=("model",))
         for m in (self.requests, self.images, self.unit_executed, self.flops_executed, self.flops_full,
-                  self.latency, self.batch_size, self.budget, self.units):
+                  self.latency, self.batch_size, self.budget, self.units, self.expected_top1, self.admit_limit):
             m.set_default_tags({"model": model})  # a fresh dict: Ray adds its own tags to it in place
         self.units.set(num_units)
         self._unit_tags = [{"unit": str(i)} for i in range(num_units)]

@@ -19,8 +19,11 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Sequence
+
+import torch
 
 from serving.engine import Engine, Request, Result
 
@@ -104,7 +107,9 @@ class ProcessEngine(Engine):
             self._turn.notify_all()
         if status != "ok":  # the child is alive and serving: a 500 for this batch, not a restart
             raise BatchError(f"model process failed on a batch: {payload}")
-        return payload
+        results, seconds = payload
+        self.compute_s += seconds  # the child's own time on the batch, not the hand-off's
+        return results
 
     def _break(self, reason: str) -> None:
         """The child is gone: every waiting and later call fails with ``reason``."""
@@ -129,6 +134,10 @@ def main(argv: list[str]) -> int:
     except Exception as err:  # reported to the replica, which raises it
         _send(conn, ("error", f"{type(err).__name__}: {err}"))
         return 1
+    # the process's CPU time per torch thread: it does nothing but run batches, and CPU time leaves out
+    # the moments the OS gave its cores to the HTTP side, which wall time would count as model work
+    threads = torch.get_num_threads()
+    engine.clock = lambda: time.process_time() / threads
     _send(conn, ("ready", None))
     while True:
         try:
@@ -136,7 +145,9 @@ def main(argv: list[str]) -> int:
         except (EOFError, OSError):  # the replica is gone
             return 0
         try:
-            _send(conn, ("ok", engine.run(requests)))
+            before = engine.compute_s
+            results = engine.run(requests)
+            _send(conn, ("ok", (results, engine.compute_s - before)))
         except Exception as err:  # a bug in the model path: the replica answers 500 and logs it
             _send(conn, ("error", f"{type(err).__name__}: {err}"))
 

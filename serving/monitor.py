@@ -28,6 +28,8 @@ class Report:
     requests_per_s: float = 0.0
     p99_ms: Optional[float] = None  # over the rate window
     budget: Optional[float] = None  # the per-image FLOPs cap served now (budget rule, autopilot), of full FLOPs
+    expected_top1: Optional[float] = None  # validation top-1 at that cap (the cap curve); None: unknown
+    shed_share: Optional[float] = None  # share of requests answered 503 over the rate window; None when idle
     per_unit_skip_rate: list[float] = field(default_factory=list)  # since start, unit 0 first
 
 
@@ -40,7 +42,7 @@ def _get(url: str, timeout: float = 10.0) -> bytes:
 
 
 # ---------------------------------------------------------------- raw metrics endpoint
-GAUGES = ("skipserve_budget", "skipserve_units")  # a value per replica: kept apart (and averaged), never summed
+GAUGES = ("skipserve_budget", "skipserve_units", "skipserve_expected_top1", "skipserve_admit_limit")  # a value per replica: kept apart (and averaged), never summed
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -103,13 +105,19 @@ def report_from_scrapes(first: dict, second: dict, seconds: float, source: str) 
     d_full = full - total(first, "skipserve_flops_full_total")
     d_exec = executed - total(first, "skipserve_flops_executed_total")
     r.compute_saved_window = 1 - d_exec / d_full if d_full > 0 else None
-    r.requests_per_s = (total(second, "skipserve_requests_total") - total(first, "skipserve_requests_total")) / seconds
+    d_requests = total(second, "skipserve_requests_total") - total(first, "skipserve_requests_total")
+    r.requests_per_s = d_requests / seconds
+    d_shed = total(second, "skipserve_requests_total", status="503") - total(first, "skipserve_requests_total",
+                                                                            status="503")
+    r.shed_share = d_shed / d_requests if d_requests > 0 else None
     b2, b1 = _by(second, "skipserve_request_latency_seconds_bucket", "le"), \
         _by(first, "skipserve_request_latency_seconds_bucket", "le")
     p99 = quantile_from_buckets({le: c - b1.get(le, 0.0) for le, c in b2.items()}, 0.99)
     r.p99_ms = None if p99 is None else p99 * 1e3
     budgets = [v for (n, _), v in second.items() if n == "skipserve_budget" and not math.isnan(v)]  # NaN: uncapped
     r.budget = sum(budgets) / len(budgets) if budgets else None
+    expected = [v for (n, _), v in second.items() if n == "skipserve_expected_top1" and not math.isnan(v)]
+    r.expected_top1 = sum(expected) / len(expected) if expected else None
     units = _by(second, "skipserve_unit_executed_total", "unit")
     if r.images:
         # a unit no image ran exports no series: the units gauge says how many there are
@@ -155,6 +163,9 @@ def from_prometheus(base: str, window: str = "1m") -> Report:
     p99 = _scalar(base, f"histogram_quantile(0.99, sum by (le) (rate(skipserve_request_latency_seconds_bucket[{window}])))")
     r.p99_ms = None if p99 is None else p99 * 1e3
     r.budget = _scalar(base, "avg(skipserve_budget)")
+    r.expected_top1 = _scalar(base, "avg(skipserve_expected_top1)")
+    r.shed_share = _scalar(base, f'sum(rate(skipserve_requests_total{{status="503"}}[{window}])) / '
+                                 f"sum(rate(skipserve_requests_total[{window}]))")
     if r.images:
         rows = promql(base, "sum by (unit) (skipserve_unit_executed_total)")
         executed = {int(row["metric"]["unit"]): float(row["value"][1]) for row in rows}
@@ -176,6 +187,7 @@ def render(r: Report) -> str:
              f"requests/s      {r.requests_per_s:8.1f}     p99 "
              + ("   -" if r.p99_ms is None else f"{r.p99_ms:7.1f} ms")
              + ("" if r.budget is None else f"     budget {r.budget:.2f} of full FLOPs"),
+             f"expected top-1  {_pct(r.expected_top1)} (cap curve)   shed {_pct(r.shed_share)} of requests (503)",
              "per-unit skip rate:"]
     for i, rate in enumerate(r.per_unit_skip_rate):
         lines.append(f"  unit {i:>3} {_pct(rate)} {'#' * round(40 * max(0.0, min(1.0, rate)))}")

@@ -101,8 +101,12 @@ class AppArgs(LiveSettings, Limits):
                                                   "(serving.model_process)")
     slo_p99_ms: float = Field(0.0, ge=0, allow_inf_nan=False,
                               description="the SLO autopilot's p99 latency target in milliseconds; 0: off")
-    min_budget: float = Field(0.3, gt=0, le=1, description="the autopilot's floor, a fraction of the backbone's "
-                                                           "FLOPs")
+    min_budget: float = Field(0.3, gt=0, le=1, description="the autopilot's hard floor, a fraction of the "
+                                                           "backbone's FLOPs")
+    max_accuracy_drop: float = Field(1.0, ge=0, le=100, allow_inf_nan=False,
+                                     description="the autopilot's accuracy budget: it serves no cap whose validation "
+                                                 "top-1 (the checkpoint's cap curve) is more than this many "
+                                                 "percentage points under the model's own")
 
     @model_validator(mode="before")
     @classmethod

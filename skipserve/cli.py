@@ -351,12 +351,17 @@ def _bench_serving(args: argparse.Namespace) -> int:
                              concurrency=args.concurrency,
                              max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                              images_per_request=args.images_per_request, direct=args.direct)
+
     def table(result: dict) -> None:
         for level in result["levels"]:
             g, f = level["gated"], level["full"]
             print(f"concurrency {level['concurrency']:>3}: gated {g['throughput_rps']:7.1f} rps "
                   f"p50 {g['p50_ms']:6.1f} p99 {g['p99_ms']:6.1f} ms | full {f['throughput_rps']:7.1f} rps "
                   f"p50 {f['p50_ms']:6.1f} p99 {f['p99_ms']:6.1f} ms | x{level['throughput_ratio']:.2f}")
+            if level.get("plain"):
+                p = level["plain"]
+                print(f"{'':>17}plain {p['throughput_rps']:7.1f} rps p50 {p['p50_ms']:6.1f} p99 {p['p99_ms']:6.1f} ms "
+                      f"| gated/plain x{level['gated_vs_plain']:.2f}")
 
     return _bench(args, run, cfg, {"phase_s": 3.0, "rounds": 1, "warmup_s": 1.0, "images": 64}, table)
 
@@ -365,18 +370,22 @@ def _bench_autopilot(args: argparse.Namespace) -> int:
     from benchmarks.autopilot import AutopilotBenchConfig, run
 
     cfg = AutopilotBenchConfig(checkpoint=args.checkpoint, data=args.data, slo_p99_ms=args.slo_p99_ms,
-                               min_budget=args.min_budget, high_concurrency=args.high_concurrency,
-                               images_per_request=args.images_per_request)
-    def table(result: dict) -> None:
-        print(f"SLO p99 {result['slo_ms']:g} ms, baseline budget {result['baseline_budget']}, "
-              f"floor {result['min_budget']}")
-        for r in result["phases"]:
-            budget = "-" if r["budget_mean"] is None else f"{r['budget_mean']:.2f}"
-            print(f"{r['phase']:>10} autopilot={'on ' if r['autopilot'] else 'off'} p99 {r['p99_ms']:7.1f} ms "
-                  f"budget {budget} {r['throughput_rps']:6.1f} rps")
-        print(f"budget back at baseline {result['budget_recovery_s']} s after the load dropped")
+                               min_budget=args.min_budget, max_accuracy_drop=args.max_accuracy_drop,
+                               high_concurrency=args.high_concurrency, images_per_request=args.images_per_request,
+                               rounds=args.rounds, cheap=args.cheap)
 
-    return _bench(args, run, cfg, {"low_s": 3.0, "high_s": 6.0, "recover_s": 10.0}, table)
+    def table(result: dict) -> None:
+        print(f"SLO p99 {result['slo_ms']:g} ms, accuracy budget {result['max_accuracy_drop_pp']:g} pp, "
+              f"baseline cap {result['baseline_budget']}, hard floor {result['min_budget']}")
+        for r in result["phases"]:
+            cap = "-" if r["cap_mean"] is None else f"{r['cap_mean']:.2f}"
+            drop = "-" if r["expected_top1_drop_pp"] is None else f"{r['expected_top1_drop_pp']:.2f} pp"
+            print(f"{r['phase']:>10} autopilot={'on ' if r['autopilot'] else 'off'} admitted p99 "
+                  f"{r['admitted_p99_ms']:7.1f} ms  200s {r['ok_per_s']:6.1f}/s  503s {r['shed_per_s']:6.1f}/s  "
+                  f"cap {cap}  expected drop {drop}")
+        print(f"cap back at baseline {result['budget_recovery_s']} s after the load dropped")
+
+    return _bench(args, run, cfg, {"low_s": 3.0, "high_s": 6.0, "recover_s": 10.0, "rounds": 1}, table)
 
 
 def _bench_reliability(args: argparse.Namespace) -> int:
@@ -601,7 +610,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slo-p99-ms", type=NON_NEGATIVE, default=0.0,
                    help="SLO autopilot: lower the compute budget under load to hold this p99 (default: off)")
     p.add_argument("--min-budget", type=SHARE, default=0.3,
-                   help="the autopilot's floor, fraction of backbone FLOPs (default: 0.3)")
+                   help="the autopilot's hard floor, fraction of backbone FLOPs (default: 0.3)")
+    p.add_argument("--max-accuracy-drop", type=NON_NEGATIVE, default=1.0,
+                   help="the autopilot's accuracy budget in percentage points of validation top-1: no cap whose "
+                        "drop (the checkpoint's cap curve) is larger is served; then it sheds load (default: 1.0)")
     p.add_argument("--address", help="an existing Ray cluster (default: start a local Ray instance)")
     p.add_argument("--metrics-port", type=PORT, default=8080,
                    help="Ray's Prometheus metrics port for a local instance (default: 8080)")
@@ -675,8 +687,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default="default", help="model to serve (default: default)")
     p.add_argument("--data", default=DEFAULT_DATA, help="request images come from its validation split")
     p.add_argument("--slo-p99-ms", type=POSITIVE, default=350.0, help="the SLO (default: 350)")
-    p.add_argument("--min-budget", type=SHARE, default=0.25, help="the autopilot's floor (default: 0.25)")
+    p.add_argument("--min-budget", type=SHARE, default=0.25, help="the autopilot's hard floor (default: 0.25)")
+    p.add_argument("--max-accuracy-drop", type=NON_NEGATIVE, default=1.0,
+                   help="the autopilot's accuracy budget, percentage points (default: 1.0)")
     p.add_argument("--high-concurrency", type=POSITIVE_INT, default=16, help="clients in the overload phase (default: 16)")
+    p.add_argument("--rounds", type=POSITIVE_INT, default=2,
+                   help="fixed/autopilot pairs, alternating; phase figures are medians over them (default: 2)")
+    p.add_argument("--cheap", action="store_true",
+                   help="serve a tiny random model whose cap curve says cuts are free: the HTTP path is the "
+                        "bottleneck, and the autopilot must hold the SLO by admission, not by the cap")
     p.add_argument("--images-per-request", type=POSITIVE_INT, default=16,
                    help="images per request (v2; 1 = /v1/predict) (default: 16)")
     p.add_argument("--quick", action="store_true", help="short phases (smoke test)")

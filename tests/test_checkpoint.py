@@ -221,7 +221,26 @@ def test_a_gate_of_some_units_keeps_them_through_save_and_load(tmp_path):
     model.save(tmp_path / "some.safetensors")
     loaded = GatedModel.load(tmp_path / "some.safetensors")
     assert loaded.gate.config() == {"kind": "resnet8", "widths": [16, 32, 64], "resolution": 16, "units": [2, 5]}
-    assert loaded.gate.fc.out_features == 2
+    assert loaded.gate.fc.out_features == 9  # every unit keeps its own score, for a cap to rank by
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.gate(x), loaded.gate(x))
+        assert torch.isinf(model.gate(x)[:, [0, 1, 3, 4, 6, 7, 8]]).all()  # the rule keeps those
+
+
+def test_a_cap_below_the_always_run_units_cuts_them_by_their_own_scores():
+    # regression: the units a gate's rule does not decide were scored +inf and tied, so a cap below
+    # their cost dropped them in unit order (cap 0.5 of the shipped default: top-1 0.145, not 0.80)
+    from gating.policies import capped
+
+    backbone = make_backbone("resnet20")
+    gate = randomize_bn(build_gate("resnet8", backbone, units=[4])).eval()
+    model = GatedModel(backbone, gate, make_policy("threshold", 0.0), CARD).eval()
+    x = torch.randn(64, 3, 32, 32)
+    with torch.no_grad():
+        real = gate.score_all(x)
+        keep = model(x, capped(model.policy, 0.6)).keep
+    assert not (keep & ~model.decide(x)).any()  # no unit the rule skips
+    assert not keep.all(1).any() and (model.flops.executed(keep) <= 0.6 * model.flops.reference + 1e-6).all()
+    lowest = real.masked_fill(~model.decide(x), float("inf")).argmin(1)  # the lowest-scored unit it ran
+    assert (~keep.gather(1, lowest[:, None])).all()  # is the first a cap cuts

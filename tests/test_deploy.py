@@ -101,7 +101,7 @@ def dashboard_metrics() -> set[str]:
     dash = json.loads((DEPLOY / "grafana" / "skipserve.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     exprs += [v["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
-    return {m for e in exprs for m in re.findall(r"\bskipserve_[a-z_]+", e)}
+    return {m for e in exprs for m in re.findall(r"\bskipserve_[a-z0-9_]+", e)}
 
 
 def test_dashboard_queries_only_exported_metrics():

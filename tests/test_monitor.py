@@ -84,3 +84,16 @@ def test_a_gauge_of_several_replicas_is_averaged_not_summed():
     values = parse_scrape(text, text_string_to_metric_families)
     r = report_from_scrapes(values, values, seconds=1.0, source="test")
     assert r.budget == 0.5 and r.images == 40  # counters summed over replicas, the gauge averaged
+
+
+def test_the_cap_its_expected_accuracy_and_the_share_shed_are_shown():
+    first = snap(10, 600, 1000, [10], 10, {"+Inf": 10})
+    second = snap(30, 1500, 3000, [30], 30, {"+Inf": 30}, budget=1.0)
+    shed = ("skipserve_requests_total", (("model", "m"), ("route", "/v2/models/infer"), ("status", "503")))
+    first[shed], second[shed] = 2, 12  # 10 of the 30 requests in the window were shed
+    second[("skipserve_expected_top1", (("model", "m"),))] = 0.9088
+    r = report_from_scrapes(first, second, seconds=2.0, source="test")
+    assert r.shed_share == pytest.approx(10 / 30) and r.expected_top1 == 0.9088 and r.budget == 1.0
+    assert "expected top-1   90.9%" in render(r) and "shed  33.3% of requests" in render(r)
+    second[("skipserve_expected_top1", (("model", "m"),))] = math.nan  # no cap curve: unknown, not NaN
+    assert report_from_scrapes(first, second, seconds=2.0, source="test").expected_top1 is None

@@ -1,6 +1,7 @@
 """Every shipped model: its file matches the registry's hash, loads, and its card says how it was made."""
 import pytest
 
+from gating.capcurve import CapCurve
 from gating.model import GatedModel
 from gating.zoo import ZOO, resolve_checkpoint, sha256_of
 from gating.checkpoint import CheckpointError
@@ -18,6 +19,10 @@ def test_a_shipped_model_matches_its_registry_entry(name):
         assert info["validation"][key] == pytest.approx(value, abs=1e-4, rel=1e-6), key
     assert weights.metrics["flops"] == pytest.approx(model.flops.reference * weights.metrics["flops_ratio"], rel=1e-3)
     assert "/work" not in model.card.to_json() and "/home" not in model.card.to_json()
+    if model.gate is not None:  # the cap curve the autopilot's accuracy budget reads
+        curve = CapCurve.of_card(info)
+        assert curve is not None and curve.top1 == info["validation"]["top1"]
+        assert curve.points[-1].cap == 1.0 and curve.top1_at(1.0) == curve.top1
 
 
 def test_a_registry_refuses_a_second_model_of_the_same_name():

@@ -15,6 +15,7 @@ from gating.backbones import ArchSpec, ResidualBackbone, build_backbone
 from gating.checkpoint import ModelCard
 from gating.executor import execute
 from gating.model import GatedModel
+from gating.zoo import resolve_checkpoint
 from training.data import CIFAR_MEAN, CIFAR_STD, ImageSet, augment, batches, check_cutout, cutout, load_image_folder, \
     normalize, split_train_val
 from training.grow import grow
@@ -196,7 +197,7 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
         raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, not {cfg.compile_mode!r}")
     device = pick_device(cfg.device)
     run = RunDir(run_dir, "backbone")
-    init = GatedModel.load(cfg.init).backbone if cfg.init else None
+    init = GatedModel.load(resolve_checkpoint(cfg.init)).backbone if cfg.init else None
     if cfg.grow:
         if init is None:
             raise ValueError("grow needs init: the checkpoint to deepen")
@@ -237,7 +238,7 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
     forward = torch.compile(train_forward, mode=cfg.compile_mode) if cfg.compile else train_forward
     teacher = None
     if cfg.teacher and cfg.distill:
-        teacher = GatedModel.load(cfg.teacher).backbone.eval().requires_grad_(False).to(device, memory_format=fmt)
+        teacher = GatedModel.load(resolve_checkpoint(cfg.teacher)).backbone.eval().requires_grad_(False).to(device, memory_format=fmt)
 
     def batch_loss(idx: torch.Tensor, g: torch.Generator) -> BatchResult:
         x = normalize(augment(train.images[idx], g))
@@ -268,7 +269,7 @@ def train_backbone(cfg: BackboneConfig, run_dir: str | Path) -> Path:
             record["average_val_top1"] = evaluate(average.module, val, device=device)
         return record
 
-    loop = Loop(name=f"S1 {cfg.arch}", epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+    loop = Loop(name=f"S1 {model.spec.name}", epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
                 state_key="model", average_from=cfg.average_from, restarts=cfg.restarts)
     average = train_epochs(loop, run, model, opt, len(train), batch=batch_loss,
                            schedule=lambda step: {"lr": lr_at(cfg, step, steps_per_epoch)},

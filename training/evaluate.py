@@ -5,8 +5,9 @@ from typing import Optional
 
 import torch
 
+from gating.capcurve import CapCurve, CapPoint, curve_caps
 from gating.model import GatedModel
-from gating.policies import Policy
+from gating.policies import Policy, capped
 from training.data import ImageSet, batches, normalize
 
 
@@ -42,3 +43,16 @@ def evaluate_gated(model: GatedModel, data: ImageSet, policy: Optional[Policy] =
         "distinct_paths": len({tuple(r) for r in keep.tolist()}),
         "per_unit_skip_rate": [round(v, 4) for v in (1 - keep.float().mean(0)).tolist()],
     }
+
+
+def cap_curve(model: GatedModel, data: ImageSet, caps: Optional[list[float]] = None) -> CapCurve:
+    """Top-1 of ``model``'s own rule under each FLOPs cap on ``data`` (``skipserve eval --cap``'s numbers);
+    the caps default to fractions of the model's own FLOPs ratio (``curve_caps``)."""
+    if model.gate is None:
+        raise ValueError("a cap curve is of a gated model: a cap on a model without a gate has nothing to rank by")
+    own = evaluate_gated(model, data)
+    points = []
+    for cap in caps or curve_caps(own["flops_ratio"]):
+        r = evaluate_gated(model, data, capped(model.policy, cap))
+        points.append(CapPoint(cap, r["top1"], round(r["flops_ratio"], 6)))
+    return CapCurve(tuple(points), own["top1"])

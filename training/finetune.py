@@ -103,12 +103,12 @@ def served_policy(model: GatedModel, data: ImageSet, cfg: FinetuneConfig, *, ima
     if fixed is not None:
         return fixed
     name = cfg.policy or model.policy.name
-    scores = _gate_scores(model, data, images, cfg.seed)
+    scores = scores_on_sample(model, data, images, cfg.seed)
     return make_policy(name, knob_for_flops(name, scores, model.flops, cfg.flops_target, gate_flops=model.gate_flops))
 
 
 @torch.inference_mode()
-def _gate_scores(model: GatedModel, data: ImageSet, images: int, seed: int) -> torch.Tensor:
+def scores_on_sample(model: GatedModel, data: ImageSet, images: int, seed: int) -> torch.Tensor:
     """(images, n) scores of the up-front gate on clean training images, computed on the CPU: the knob
     set from them must not depend on the device S5 trains on (S4 runs on the CPU, S5 may not)."""
     gate = copy.deepcopy(model.gate).cpu().eval()

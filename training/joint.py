@@ -34,7 +34,7 @@ from gating.model import GatedModel
 from gating.policies import capped, knob_for_flops, make_policy
 from training.backbone import distillation, reestimate_bn
 from training.data import ImageSet, augment, cutout, normalize
-from training.finetune import (FinetuneConfig, _gate_scores, check_path_training, frozen_teacher, recalibrate_bn,
+from training.finetune import (FinetuneConfig, check_path_training, frozen_teacher, recalibrate_bn, scores_on_sample,
                                served_policy)
 from training.loop import BatchResult, Loop, train_epochs
 from training.run import RunDir, pick_device, use_bf16, weights_digest
@@ -158,15 +158,17 @@ def decide_soft(model: GatedModel, x: torch.Tensor, target: float, cfg: JointCon
     through; with ``cfg.cap_paths`` the backbone's path is the budget rule at ``target`` on top."""
     flops = model.flops
     with torch.autocast(x.device.type, enabled=False):  # scores, decisions and FLOPs in fp32
-        scores = model.gate(x.float())  # (B, n); +inf for units the gate does not decide
-        z = scores + logistic_noise(scores.shape, g).to(scores.device)
+        real = model.gate.score_all(x.float())  # (B, n)
+        noisy = real + logistic_noise(real.shape, g).to(real.device)
+        z = model.gate.rule_scores(noisy)  # +inf for units the gate does not decide
         soft = torch.sigmoid(z / cfg.gumbel_temperature)
         hard = z.detach() > 0  # the threshold rule at alpha 0 on the noisy scores
         rule = hard.to(soft.dtype) + (soft - soft.detach())  # exactly 0 or 1 forward
         path = rule
         if cfg.cap_paths:
             # threshold 0 under a cap on the noisy scores: the autopilot's capped rule, for these scores
-            fits = capped(make_policy("threshold", 0.0), target).decide(z.detach(), flops).to(z.device)
+            fits = capped(make_policy("threshold", 0.0), target).decide(z.detach(), flops, noisy.detach())
+            fits = fits.to(z.device)
             path = (hard & fits).to(soft.dtype) + (soft - soft.detach())
         saving = (flops.saving() / flops.reference).to(device=z.device, dtype=soft.dtype)  # (n,)
         ratio = (flops.minimum + model.gate_flops) / flops.reference + rule @ saving  # (B,)
@@ -265,7 +267,7 @@ def start_gate(model: GatedModel, train: ImageSet, cfg: JointConfig) -> None:
             torch.manual_seed(cfg.seed)
             model.gate = build_gate(kind, model.backbone, **hyper)
         model.refresh_flops()
-    scores = _gate_scores(model, train, KNOB_IMAGES, cfg.seed)  # (N, n), +inf: undecided units
+    scores = scores_on_sample(model, train, KNOB_IMAGES, cfg.seed)  # (N, n), +inf: undecided units
     alpha = knob_for_flops("threshold", scores, model.flops, cfg.target, gate_flops=model.gate_flops)
     decided = scores[:, list(model.gate.units)] if model.gate.units is not None else scores
     std = float(decided.double().std()) if decided.numel() > 1 else 0.0

@@ -53,7 +53,7 @@ from gating.registry import Registry
 from training.backbone import COMPILE_MODES, BackboneConfig, load_split, train_backbone
 from training.config import typed_fields
 from training.data import check_cutout
-from training.evaluate import evaluate_gated
+from training.evaluate import cap_curve, evaluate_gated
 from training.finetune import FinetuneConfig, check_config as check_finetune, check_policy, finetune, serve_new_gate
 from training.gate import GateConfig, make_gate, train_gate
 from training.labels import LabelConfig, label_dataset, load_labels, save_labels
@@ -389,6 +389,8 @@ def run_pipeline(recipe_path: str | Path, run_dir: str | Path | None = None) -> 
         path = run / "ship" / f"{name}.safetensors"
         model = GatedModel.load(outputs[stage_name])
         model.card.info = ship_card(recipe_path, stage_name, recipe.data, figures[stage_name])
+        if model.gate is not None:  # what each FLOPs cap costs: the autopilot's accuracy budget reads it
+            model.card.info["cap_curve"] = _cap_curve_once(model, run / stage_name / "cap_curve.json", splits)
         model.save(path)
         shipped[name] = {"stage": stage_name, "checkpoint": str(path), **figures[stage_name]}
     summary = {"stages": figures, "ship": shipped}
@@ -427,6 +429,14 @@ def _evaluate_once(path: Path, out: Path, splits) -> dict:
     figures = evaluate_gated(GatedModel.load(path), val)
     atomic_write_text(out, json.dumps(figures, indent=2) + "\n")
     return figures
+
+
+def _cap_curve_once(model: GatedModel, out: Path, splits) -> dict:
+    if out.exists():
+        return json.loads(out.read_text())
+    curve = cap_curve(model, splits()[1]).to_dict()
+    atomic_write_text(out, json.dumps(curve, indent=2) + "\n")
+    return curve
 
 
 def ship_card(recipe_path: str | Path, stage: str, data: DataConfig, figures: dict) -> dict:
