@@ -245,7 +245,7 @@ class GatedModelServer:
             return None
         if self.engine.model.gate is None:
             raise ValueError("the SLO autopilot adjusts the compute budget, which needs a gated model")
-        curve = self._cap_curve()
+        curve = self._curve
         if curve is None:
             logger.warning("skipserve: %s has no cap curve in its card; the autopilot will not lower its cap "
                            "(nothing says what accuracy that costs) and holds the SLO by admission alone", self.name)
@@ -348,9 +348,14 @@ class GatedModelServer:
                                f"requests being read in this replica (limit {self.settings.max_queued_images}); "
                                f"retry later", status=503)
         pilot = self.autopilot
-        if shed and pilot is not None and in_flight and in_flight + n > pilot.admit_limit:
+        if shed and self._would_shed(n):
             raise RequestError(f"shedding load to hold the p99 SLO of {pilot.cfg.slo_p99_ms:g} ms: {in_flight} images "
                                f"in flight, {pilot.admit_limit} admitted at a time now; retry later", status=503)
+
+    def _would_shed(self, n: int) -> bool:
+        """Whether the autopilot's admission limit refuses ``n`` more images now (an idle replica never does)."""
+        in_flight = self._queued + self._reading
+        return self.autopilot is not None and in_flight > 0 and in_flight + n > self.autopilot.admit_limit
 
     async def _slot(self, n: int) -> None:
         """While the autopilot's admission would shed ``n`` more images, wait (nothing read yet) up to
@@ -360,10 +365,7 @@ class GatedModelServer:
         if pilot is None:
             return
         deadline = time.perf_counter() + pilot.cfg.admit_wait * pilot.cfg.slo_p99_ms / 1e3
-        while True:
-            in_flight = self._queued + self._reading
-            if not in_flight or in_flight + n <= pilot.admit_limit or time.perf_counter() >= deadline:
-                return
+        while self._would_shed(n) and time.perf_counter() < deadline:
             await asyncio.sleep(0.005)
 
     @contextmanager

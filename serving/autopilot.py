@@ -1,8 +1,8 @@
 """SLO autopilot: hold a p99 latency target by trading accuracy, within a budget, and then load.
 
 Every ``interval_s`` the controller reads what the replica saw since its last decision: the latencies
-of the requests it answered, the images queued, and how busy the model was (the share of the period
-in which a batch was executing). Two levers, in this order:
+of the requests it answered, the images queued and answered, and how busy the model was (the share
+of the period its process spent computing batches). Two levers, in this order:
 
 1. **The cap** on every image's FLOPs, laid over the model's own rule (``capped``). It is cut
    multiplicatively when p99 is over ``high`` x SLO, but only when the model is the bottleneck (busy

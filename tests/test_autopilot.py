@@ -247,7 +247,7 @@ def test_shed_requests_get_503_with_retry_after_before_any_model_work():
 
     replica = SimpleNamespace(settings=AppArgs(max_queued_images=256), _queued=16, _reading=0, autopilot=pilot,
                               _infer=model)
-    replica._admit = MethodType(cls._admit, replica)
+    replica._admit, replica._would_shed = MethodType(cls._admit, replica), MethodType(cls._would_shed, replica)
     reading_body = MethodType(cls._reading_body, replica)
     read = []
     with pytest.raises(RequestError, match="shedding load to hold the p99 SLO of 100 ms") as shed:

@@ -327,6 +327,7 @@ def test_admission_counts_the_images_of_requests_still_being_read():
     cls = GatedModelServer.func_or_class  # admission only: no model, no Ray
     replica = SimpleNamespace(settings=AppArgs(max_queued_images=64), _queued=16, _reading=0, autopilot=None)
     replica._admit, replica._reading_body = MethodType(cls._admit, replica), MethodType(cls._reading_body, replica)
+    replica._would_shed = MethodType(cls._would_shed, replica)
     with replica._reading_body(16), replica._reading_body(16):
         with pytest.raises(RequestError, match="overloaded") as refused:
             with replica._reading_body(17):
